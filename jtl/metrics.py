@@ -1,0 +1,45 @@
+"""Classification metrics from predictions gathered on the host."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+  """Rows are the true class, columns the predicted one."""
+  cm = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(cm, (np.asarray(labels, np.int64), np.asarray(preds, np.int64)), 1)
+  return cm
+
+
+def classification_report(labels: np.ndarray, preds: np.ndarray, top5_correct: np.ndarray,
+                          losses: np.ndarray, class_names: Sequence[str]) -> dict:
+  """Accuracy, top-5, macro precision/recall/F1, per-class figures and the confusion matrix.
+
+  Classes with no predictions get precision 0 (and no support gives recall 0), as
+  scikit-learn does with zero_division=0.
+  """
+  num_classes = len(class_names)
+  cm = confusion_matrix(labels, preds, num_classes)
+  tp = np.diag(cm).astype(np.float64)
+  predicted = cm.sum(0).astype(np.float64)
+  support = cm.sum(1).astype(np.float64)
+  precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+  recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+  denom = precision + recall
+  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+  n = max(len(labels), 1)
+  return {
+      "loss": float(np.sum(losses) / n),
+      "accuracy": float(tp.sum() / n),
+      "top5": float(np.sum(top5_correct) / n),
+      "macro_precision": float(precision.mean()),
+      "macro_recall": float(recall.mean()),
+      "macro_f1": float(f1.mean()),
+      "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                           "f1": float(f1[i]), "support": int(support[i])}
+                    for i, name in enumerate(class_names)},
+      "confusion_matrix": cm.tolist(),
+      "num_examples": int(len(labels)),
+  }

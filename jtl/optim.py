@@ -1,0 +1,172 @@
+"""Optimizers, schedules and freezing: which parameters train, and how.
+
+Freezing is data: every parameter gets a label from its "/"-joined path. Trainable parameters
+are labelled by the stage they live in (so that layer-wise learning-rate decay and gradual
+unfreezing are just per-label settings); frozen ones get "frozen", which maps to
+`optax.set_to_zero()` inside `optax.multi_transform` and so keeps no optimizer state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jtl import params as P
+
+FROZEN = "frozen"
+STRATEGIES = ("feature_extraction", "partial", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezePlan:
+  """Which parameters train, as labels, and how many leading stages are frozen whole."""
+  labels: dict[str, str]          # "/"-joined param path -> stage name or FROZEN
+  frozen_stages: int              # leading stages with every parameter frozen
+  stage_names: tuple[str, ...]
+
+  @property
+  def trainable_stages(self) -> tuple[str, ...]:
+    return tuple(s for s in self.stage_names if s in set(self.labels.values()))
+
+  def label_tree(self, params) -> Any:
+    return P.unflatten({k: self.labels[k] for k in P.flatten(params)})
+
+  def frozen_stats_mask(self, batch_stats) -> Any:
+    """True for BatchNorm statistics whose layer's parameters are frozen: they keep their
+    loaded values even where the layer lies outside the frozen prefix."""
+    frozen_layers = {k.rsplit("/", 1)[0] for k, l in self.labels.items() if l == FROZEN}
+    return P.unflatten({k: k.rsplit("/", 1)[0] in frozen_layers
+                        for k in P.flatten(batch_stats)})
+
+
+def freeze_rules(strategy: str, stage_names: Sequence[str], freeze_depth: int,
+                 trainable: Sequence[Sequence[str]] = ()) -> list[tuple[str, str]]:
+  """(regex, "train" | "freeze") rules for a strategy; explicit `trainable` rules win."""
+  if trainable:
+    return [(str(p), str(l)) for p, l in trainable]
+  if strategy == "full":
+    return [(".*", "train")]
+  if strategy == "feature_extraction":
+    freeze_depth = len(stage_names) - 1
+  elif strategy != "partial":
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+  frozen = stage_names[:freeze_depth]
+  rules = [(f"{s}/.*", "freeze") for s in frozen]
+  return rules + [(".*", "train")]
+
+
+def make_freeze_plan(params, stage_names: Sequence[str], rules: Sequence[tuple[str, str]]
+                     ) -> FreezePlan:
+  """Labels every parameter by the first matching rule (error if a rule matches nothing)."""
+  for _, label in rules:
+    if label not in ("train", "freeze"):
+      raise ValueError(f"trainable rule label must be 'train' or 'freeze', got {label!r}")
+  names = list(P.flatten(params))
+  decided = P.label_by_regex(names, rules, what="trainable pattern")
+  labels = {n: (n.split("/", 1)[0] if decided[n] == "train" else FROZEN) for n in names}
+  frozen_stages = 0
+  for stage in stage_names:
+    in_stage = [n for n in names if n.split("/", 1)[0] == stage]
+    if in_stage and all(labels[n] == FROZEN for n in in_stage):
+      frozen_stages += 1
+    else:
+      break
+  return FreezePlan(labels, frozen_stages, tuple(stage_names))
+
+
+def unfreeze_stages(plan: FreezePlan, extra: int) -> FreezePlan:
+  """Gradual unfreezing: the last `extra` stages of the frozen prefix become trainable."""
+  if extra <= 0 or plan.frozen_stages == 0:
+    return plan
+  keep = max(plan.frozen_stages - extra, 0)
+  thawed = set(plan.stage_names[keep:plan.frozen_stages])
+  labels = {n: (n.split("/", 1)[0] if n.split("/", 1)[0] in thawed else l)
+            for n, l in plan.labels.items()}
+  return FreezePlan(labels, keep, plan.stage_names)
+
+
+def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  """Learning rate per step: constant, warmup_cosine or step (decay at given epochs)."""
+  lr = config.optimizer.lr
+  sched = config.schedule
+  total = max(config.num_epochs * steps_per_epoch, 1)
+  warmup = int(sched.warmup_epochs * steps_per_epoch)
+  if sched.name == "constant":
+    base = optax.constant_schedule(lr)
+  elif sched.name == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), max(total, warmup + 1),
+                                              end_value=lr * sched.end_lr_factor)
+  elif sched.name == "step":
+    boundaries = {int(e * steps_per_epoch): sched.decay_factor for e in sched.decay_epochs}
+    base = optax.piecewise_constant_schedule(lr, boundaries)
+  else:
+    raise ValueError(f"schedule.name must be constant, warmup_cosine or step, got {sched.name!r}")
+  if warmup > 0:
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), base], [warmup])
+  return base
+
+
+def _decay_mask(params):
+  # No weight decay on biases and norm scales (1-D), only on kernels and embeddings.
+  return jax.tree_util.tree_map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def _base_optimizer(config, learning_rate) -> optax.GradientTransformation:
+  opt = config.optimizer
+  if opt.name == "adam":
+    return optax.adam(learning_rate, b1=opt.b1, b2=opt.b2)
+  if opt.name == "adamw":
+    return optax.adamw(learning_rate, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                       mask=_decay_mask)
+  if opt.name == "sgd":
+    return optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),
+                       optax.sgd(learning_rate, momentum=opt.momentum, nesterov=opt.nesterov))
+  raise ValueError(f"optimizer.name must be adam, adamw or sgd, got {opt.name!r}")
+
+
+def make_optimizer(config, plan: FreezePlan, params, schedule: optax.Schedule
+                   ) -> optax.GradientTransformation:
+  """The full update rule: zero frozen grads, clip, per-stage optimizer, accumulation."""
+  label_tree = plan.label_tree(params)
+  present = sorted(set(plan.labels.values()))
+  stages = [s for s in plan.stage_names if s in present]
+  layer_decay = config.optimizer.layer_decay
+  transforms = {FROZEN: optax.set_to_zero()}
+  for depth_from_top, stage in enumerate(reversed(plan.stage_names)):
+    if stage in stages:
+      scale = layer_decay ** depth_from_top  # discriminative learning rates, head at full lr
+      transforms[stage] = _base_optimizer(config, lambda step, s=scale: schedule(step) * s)
+  # Zero the frozen gradients first so they do not count in the global clipping norm.
+  zero_frozen = optax.multi_transform(
+      {label: (optax.set_to_zero() if label == FROZEN else optax.identity())
+       for label in transforms}, label_tree)
+  chain = [zero_frozen]
+  if config.optimizer.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(config.optimizer.grad_clip_norm))
+  chain.append(optax.multi_transform(transforms, label_tree))
+  tx = optax.chain(*chain)
+  if config.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+  return tx
+
+
+def carry_opt_state(old, new):
+  """Keeps the old optimizer state wherever its structure still fits the new optimizer.
+
+  Used by gradual unfreezing: the per-stage states of stages that were already training are
+  kept as they are; newly unfrozen stages start from the new (fresh) state.
+  """
+  if isinstance(old, optax.MultiTransformState) and isinstance(new, optax.MultiTransformState):
+    inner = {k: (carry_opt_state(old.inner_states[k], v) if k in old.inner_states else v)
+             for k, v in new.inner_states.items()}
+    return optax.MultiTransformState(inner)
+  if (isinstance(old, tuple) and isinstance(new, tuple) and type(old) is type(new)
+      and len(old) == len(new)):
+    carried = [carry_opt_state(o, n) for o, n in zip(old, new)]
+    return type(new)(*carried) if hasattr(new, "_fields") else type(new)(carried)
+  if jax.tree_util.tree_structure(old) == jax.tree_util.tree_structure(new):
+    return old
+  return new

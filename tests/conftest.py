@@ -1,0 +1,105 @@
+"""Shared fixtures: a tiny registered CNN and tiny image folders, so engine tests run in seconds."""
+from __future__ import annotations
+
+import functools
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import flax.linen as nn
+import numpy as np
+import pytest
+from PIL import Image
+
+from jtl.models import common, registry
+
+
+class TinyCNN(nn.Module):
+  """stem -> stage1 -> stage2 -> head, with BatchNorm, like the real families but ~3k params."""
+  num_classes: int = 10
+  width: int = 8
+  image_size: int = 16
+
+  @property
+  def stage_names(self):
+    return ("stem", "stage1", "stage2", "head")
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, frozen_stages: int = 0):
+    def conv_bn(name, features, stride):
+      conv = nn.Conv(features, (3, 3), strides=stride, use_bias=False, name=f"{name}_conv")
+      bn = common.BatchNorm(name=f"{name}_bn")
+      return lambda x, t: nn.relu(bn(conv(x), use_running_average=not t))
+
+    class Stage(nn.Module):
+      features: int
+      stride: int
+
+      @nn.compact
+      def __call__(self, x, train):
+        return conv_bn("block", self.features, self.stride)(x, train)
+
+    head = nn.Dense(self.num_classes, name="head")
+    stages = [("stem", Stage(self.width, 1, name="stem")),
+              ("stage1", Stage(self.width, 2, name="stage1")),
+              ("stage2", Stage(2 * self.width, 2, name="stage2")),
+              ("head", lambda x, t: head(x.mean(axis=(1, 2))))]
+    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages)
+
+
+if "tiny_cnn" not in registry._REGISTRY:
+  registry.register_model(registry.ModelEntry(
+      name="tiny_cnn", family="test", build=TinyCNN,
+      pretrained={"": registry.PretrainedCfg(image_size=16, crop_pct=1.0)}, default_tag=None,
+      converters={}, published_params=None))
+
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40)]
+
+
+def write_image_folder(root, num_classes=3, per_class=12, size=20, splits=("train", "test"),
+                       seed=0):
+  """Solid-ish colour images, one colour per class (learnable in a few steps)."""
+  rng = np.random.default_rng(seed)
+  names = [f"class_{c}" for c in range(num_classes)]
+  for split in splits:
+    for c, name in enumerate(names):
+      d = os.path.join(root, split, name)
+      os.makedirs(d, exist_ok=True)
+      for i in range(per_class):
+        base = np.array(COLOURS[c % len(COLOURS)], np.float32)
+        img = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(d, f"{i}.png"))
+  return names
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+  root = tmp_path / "data"
+  write_image_folder(str(root))
+  return str(root)
+
+
+def tiny_config(dataset_root, **overrides):
+  from jtl.config import default_config
+  c = default_config()
+  c.model = "tiny_cnn"
+  c.pretrained = "none"
+  c.dataset = f"folder:{dataset_root}"
+  c.image_size = 16
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_epochs = 2
+  c.val_fraction = 0.25
+  c.progress_bar = False
+  c.augment.random_resized_crop = False
+  c.augment.hflip = False
+  c.schedule.name = "constant"
+  c.schedule.warmup_epochs = 0.0
+  for key, value in overrides.items():
+    target = c
+    parts = key.split(".")
+    for p in parts[:-1]:
+      target = target[p]
+    target[parts[-1]] = value
+  return c
