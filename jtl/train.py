@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jtl import config as config_lib
 from jtl import data as data_lib
 from jtl import metrics as metrics_lib
-from jtl import optim, report
+from jtl import export, optim, report
 from jtl import params as P
 from jtl.checkpoint import Checkpoints
 from jtl.models import create_model
@@ -195,13 +195,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                    interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
   augment = _augment_from_config(config.augment)
 
+  run_info = {"class_names": list(class_names), "model": config.model,
+              "pretrained_cfg": {**cfg.to_dict(), "label_names": list(class_names),
+                                 "image_size": image_size},
+              "stage_names": list(model.stage_names)}
   if is_host0:
     report.write_json(os.path.join(workdir, "config.json"), config_lib.to_jsonable(config))
-    report.write_json(os.path.join(workdir, "run_info.json"), {
-        "class_names": list(class_names), "model": config.model,
-        "pretrained_cfg": {**cfg.to_dict(), "label_names": list(class_names),
-                           "image_size": image_size},
-        "stage_names": list(model.stage_names)})
+    report.write_json(os.path.join(workdir, "run_info.json"), run_info)
 
   mesh = _mesh()
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -320,12 +320,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   checkpoints.wait()
   train_seconds = meta["train_seconds"]
 
-  final = _final_evaluation(config, workdir, checkpoints, state, eval_fn, dataset, preprocess,
-                            class_names, data_sharding, replicated)
+  final, best_state = _final_evaluation(config, workdir, checkpoints, state, eval_fn, dataset,
+                                       preprocess, class_names, data_sharding, replicated)
   final.update(trainable_params=int(trainable), total_params=int(P.count(params)),
                train_seconds=round(train_seconds, 2), steps=int(state.step),
                best_step=meta["best_step"], skipped_steps=meta["skipped_steps"])
   if is_host0:
+    variables = {"params": jax.device_get(best_state.params)}
+    if best_state.batch_stats:
+      variables["batch_stats"] = jax.device_get(best_state.batch_stats)
+    export.export_model(workdir, variables, run_info)
     report.write_json(os.path.join(workdir, "final_metrics.json"), final)
     records = run_log.records()
     report.plot_curves(records, os.path.join(workdir, "curves.png"))
@@ -440,7 +444,7 @@ def _final_evaluation(config, workdir, checkpoints, state, eval_fn, dataset, pre
   final["per_class"] = result["per_class"]
   final["confusion_matrix"] = result["confusion_matrix"]
   final["num_test_examples"] = result["num_examples"]
-  return final
+  return final, state
 
 
 def _restore(checkpoints, state, phase_for_epoch, replicated):

@@ -171,6 +171,8 @@ def _cfg_for_classes(cfg: PretrainedCfg, num_classes: int) -> PretrainedCfg:
 
 def _convert(converters, state, module, layout: str | None, source: str) -> dict[str, np.ndarray]:
   """Converted state, by the named layout or else by the layout that fits best."""
+  if state and all(k.startswith(("params/", "batch_stats/")) for k in state):
+    return dict(state)  # already our own names (jtl.export)
   if layout is not None:
     return converters[layout](state, module)
   if not converters:

@@ -1,0 +1,37 @@
+# Everything a fresh machine needs: `make demo` and `make test` do all the set-up themselves.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+DEMO_DATA := data/fashion_mnist
+
+.PHONY: venv demo demo-data test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Debian ships the original Fashion-MNIST files; converted once into an image folder.
+$(FASHION_DIR)/train-images-idx3-ubyte.gz:
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi
+
+demo-data: venv $(FASHION_DIR)/train-images-idx3-ubyte.gz
+	$(PY) -m jtl.data.demo --out $(DEMO_DATA)
+
+demo: demo-data
+	$(PY) -m jtl.main --config configs/partial_ft.py --workdir runs/demo
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: venv
+	$(PY) bench/run.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,55 @@
+"""A trained run's model as plain files: workdir/export/model.safetensors + model.json.
+
+The safetensors file holds our own flat variable names ("params/stage4/...",
+"batch_stats/..."), so any tool can read it and `load_exported` rebuilds the Model without the
+training state or Orbax.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from jtl import params as P
+
+EXPORT_DIR = "export"
+
+
+def export_model(workdir: str, variables: dict[str, Any], info: dict[str, Any]) -> str:
+  """Writes the variables and what is needed to rebuild the model; returns the directory."""
+  from safetensors.numpy import save_file
+  out = os.path.join(workdir, EXPORT_DIR)
+  os.makedirs(out, exist_ok=True)
+  flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in P.flatten(variables).items()}
+  tmp = os.path.join(out, "model.safetensors.tmp")
+  save_file(flat, tmp)
+  os.replace(tmp, os.path.join(out, "model.safetensors"))
+  with open(os.path.join(out, "model.json.tmp"), "w") as f:
+    json.dump(info, f, indent=2)
+  os.replace(os.path.join(out, "model.json.tmp"), os.path.join(out, "model.json"))
+  return out
+
+
+def load_exported(workdir: str):
+  """The Model of a finished run (its head and class names)."""
+  import dataclasses
+
+  from jtl.models import create_model
+  directory = os.path.join(workdir, EXPORT_DIR)
+  info_path = os.path.join(directory, "model.json")
+  if not os.path.isfile(info_path):
+    raise FileNotFoundError(f"{workdir}: no {EXPORT_DIR}/model.json (is it the workdir of a "
+                            "finished jtl run?)")
+  with open(info_path) as f:
+    info = json.load(f)
+  cfg = info["pretrained_cfg"]
+  model = create_model(info["model"], num_classes=len(info["class_names"]),
+                       pretrained=os.path.join(directory, "model.safetensors"),
+                       image_size=cfg.get("image_size"))
+  model.pretrained_cfg = dataclasses.replace(
+      model.pretrained_cfg, label_names=tuple(info["class_names"]),
+      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"],
+      interpolation=cfg["interpolation"], image_size=cfg["image_size"])
+  return model
