@@ -251,93 +251,93 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
   run_log = report.RunLog(workdir, enabled=is_host0)
-  meta = {"epoch": 0, "step_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0,
-          "skipped_steps": 0, "train_seconds": 0.0, "finished": False}
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    state, meta = _restore(checkpoints, state, phase_for_epoch, replicated)
-    phase = phase_for_epoch(meta["epoch"])
-    run_log.truncate_after(latest)
-    logging.info("resumed from step %d (epoch %d, step %d in it)", latest, meta["epoch"],
-                 meta["step_in_epoch"])
-  trainable = P.count({k: v for k, v in P.flatten(params).items()
-                       if phase.plan.labels[k] != optim.FROZEN})
-  logging.info("%s: %d classes, %d of %d parameters trainable, %d frozen stages, "
-               "%d steps per epoch", config.model, num_classes, trainable, P.count(params),
-               phase.plan.frozen_stages, steps_per_epoch)
+  try:
+    meta = {"epoch": 0, "step_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0,
+            "skipped_steps": 0, "train_seconds": 0.0, "finished": False}
+    latest = checkpoints.latest_step()
+    if latest is not None:
+      state, meta = _restore(checkpoints, state, phase_for_epoch, replicated)
+      phase = phase_for_epoch(meta["epoch"])
+      run_log.truncate_after(latest)
+      logging.info("resumed from step %d (epoch %d, step %d in it)", latest, meta["epoch"],
+                   meta["step_in_epoch"])
+    trainable = P.count({k: v for k, v in P.flatten(params).items()
+                         if phase.plan.labels[k] != optim.FROZEN})
+    logging.info("%s: %d classes, %d of %d parameters trainable, %d frozen stages, "
+                 "%d steps per epoch", config.model, num_classes, trainable, P.count(params),
+                 phase.plan.frozen_stages, steps_per_epoch)
 
-  stop_early = meta["finished"]
-  with _Preemption() as preemption:
-    train_start = time.perf_counter() - meta["train_seconds"]
-    while meta["epoch"] < config.num_epochs and not stop_early:
-      epoch = meta["epoch"]
-      new_phase = phase_for_epoch(epoch)
-      if new_phase.plan.frozen_stages != phase.plan.frozen_stages:
-        logging.info("epoch %d: unfreezing, %d stages frozen now", epoch,
-                     new_phase.plan.frozen_stages)
-        opt_state = optim.carry_opt_state(state.opt_state, new_phase.tx.init(state.params))
-        state = state.replace(opt_state=_replicate(opt_state, replicated))
-      phase = new_phase
-      state, epoch_stats, interrupted = _train_epoch(
-          config, state, phase, dataset, meta, preprocess, augment, local_batch,
-          steps_per_epoch, data_sharding, schedule, run_log, preemption, checkpoints,
-          num_classes, train_start)
-      if interrupted:
-        checkpoints.wait()
-        checkpoints.close()
-        run_log.close()
-        logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume",
-                        int(state.step))
-        return {"preempted": True, "step": int(state.step)}
-      meta["epoch"], meta["step_in_epoch"] = epoch + 1, 0
-      meta["train_seconds"] = time.perf_counter() - train_start
-      step = int(state.step)
-      lr = float(schedule(step // config.grad_accum_steps))
-      run_log.record({"step": step, "epoch": epoch + 1, "split": "train",
-                      "learning_rate": lr, **epoch_stats})
-      is_best = False
-      if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-        split = "val" if dataset.has_split("val") else "test"
-        result = _evaluate(eval_fn, state, dataset, split, config, preprocess, class_names,
-                           data_sharding)
-        run_log.record({"step": step, "epoch": epoch + 1, "split": "val",
-                        "loss": result["loss"], "accuracy": result["accuracy"],
-                        "top5": result["top5"], "macro_f1": result["macro_f1"],
-                        "learning_rate": lr})
-        metric = config.early_stopping.metric
-        value = result[metric[len("val_"):]]
-        if _improved(metric, value, meta["best"], config.early_stopping.min_delta):
-          meta.update(best=value, best_step=step, bad_evals=0)
-          is_best = True
-        else:
-          meta["bad_evals"] += 1
-          if config.early_stopping.patience and meta["bad_evals"] >= config.early_stopping.patience:
-            logging.info("early stopping: %s did not improve for %d evaluations", metric,
-                         meta["bad_evals"])
-            stop_early = True
-      meta["finished"] = stop_early or meta["epoch"] >= config.num_epochs
-      checkpoints.save(step, state, meta, best=is_best)
-  checkpoints.wait()
-  train_seconds = meta["train_seconds"]
+    stop_early = meta["finished"]
+    with _Preemption() as preemption:
+      train_start = time.perf_counter() - meta["train_seconds"]
+      while meta["epoch"] < config.num_epochs and not stop_early:
+        epoch = meta["epoch"]
+        new_phase = phase_for_epoch(epoch)
+        if new_phase.plan.frozen_stages != phase.plan.frozen_stages:
+          logging.info("epoch %d: unfreezing, %d stages frozen now", epoch,
+                       new_phase.plan.frozen_stages)
+          opt_state = optim.carry_opt_state(state.opt_state, new_phase.tx.init(state.params))
+          state = state.replace(opt_state=_replicate(opt_state, replicated))
+        phase = new_phase
+        state, epoch_stats, interrupted = _train_epoch(
+            config, state, phase, dataset, meta, preprocess, augment, local_batch,
+            steps_per_epoch, data_sharding, schedule, run_log, preemption, checkpoints,
+            num_classes, train_start)
+        if interrupted:
+          logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume",
+                          int(state.step))
+          return {"preempted": True, "step": int(state.step)}
+        meta["epoch"], meta["step_in_epoch"] = epoch + 1, 0
+        meta["train_seconds"] = time.perf_counter() - train_start
+        step = int(state.step)
+        lr = float(schedule(step // config.grad_accum_steps))
+        run_log.record({"step": step, "epoch": epoch + 1, "split": "train",
+                        "learning_rate": lr, **epoch_stats})
+        is_best = False
+        if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
+          split = "val" if dataset.has_split("val") else "test"
+          result = _evaluate(eval_fn, state, dataset, split, config, preprocess, class_names,
+                             data_sharding)
+          run_log.record({"step": step, "epoch": epoch + 1, "split": "val",
+                          "loss": result["loss"], "accuracy": result["accuracy"],
+                          "top5": result["top5"], "macro_f1": result["macro_f1"],
+                          "learning_rate": lr})
+          metric = config.early_stopping.metric
+          value = result[metric[len("val_"):]]
+          if _improved(metric, value, meta["best"], config.early_stopping.min_delta):
+            meta.update(best=value, best_step=step, bad_evals=0)
+            is_best = True
+          else:
+            meta["bad_evals"] += 1
+            if config.early_stopping.patience and meta["bad_evals"] >= config.early_stopping.patience:
+              logging.info("early stopping: %s did not improve for %d evaluations", metric,
+                           meta["bad_evals"])
+              stop_early = True
+        meta["finished"] = stop_early or meta["epoch"] >= config.num_epochs
+        checkpoints.save(step, state, meta, best=is_best)
+    checkpoints.wait()
+    train_seconds = meta["train_seconds"]
 
-  final, best_state = _final_evaluation(config, workdir, checkpoints, state, eval_fn, dataset,
-                                       preprocess, class_names, data_sharding, replicated)
-  final.update(trainable_params=int(trainable), total_params=int(P.count(params)),
-               train_seconds=round(train_seconds, 2), steps=int(state.step),
-               best_step=meta["best_step"], skipped_steps=meta["skipped_steps"])
-  if is_host0:
-    variables = {"params": jax.device_get(best_state.params)}
-    if best_state.batch_stats:
-      variables["batch_stats"] = jax.device_get(best_state.batch_stats)
-    export.export_model(workdir, variables, run_info)
-    report.write_json(os.path.join(workdir, "final_metrics.json"), final)
-    records = run_log.records()
-    report.plot_curves(records, os.path.join(workdir, "curves.png"))
-    report.plot_confusion_matrix(final["confusion_matrix"], class_names,
-                                 os.path.join(workdir, "confusion_matrix.png"))
-  checkpoints.close()
-  run_log.close()
-  return final
+    final, best_state = _final_evaluation(config, workdir, checkpoints, state, eval_fn, dataset,
+                                         preprocess, class_names, data_sharding, replicated)
+    final.update(trainable_params=int(trainable), total_params=int(P.count(params)),
+                 train_seconds=round(train_seconds, 2), steps=int(state.step),
+                 best_step=meta["best_step"], skipped_steps=meta["skipped_steps"])
+    if is_host0:
+      variables = {"params": jax.device_get(best_state.params)}
+      if best_state.batch_stats:
+        variables["batch_stats"] = jax.device_get(best_state.batch_stats)
+      export.export_model(workdir, variables, run_info)
+      report.write_json(os.path.join(workdir, "final_metrics.json"), final)
+      records = run_log.records()
+      report.plot_curves(records, os.path.join(workdir, "curves.png"))
+      report.plot_confusion_matrix(final["confusion_matrix"], class_names,
+                                   os.path.join(workdir, "confusion_matrix.png"))
+    return final
+  finally:
+    # Also on a crash: let an in-flight asynchronous save finish rather than leave it half done.
+    checkpoints.close()
+    run_log.close()
 
 
 def _train_epoch(config, state, phase, dataset, meta, preprocess, augment, local_batch,
@@ -354,7 +354,8 @@ def _train_epoch(config, state, phase, dataset, meta, preprocess, augment, local
     from tqdm.auto import tqdm
     progress = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}",
                     unit="step", leave=False, dynamic_ncols=True)
-  losses, accuracies = [], []
+  if start == 0:  # running sums of the epoch, kept in meta so a resumed epoch logs the same
+    meta.update(epoch_loss_sum=0.0, epoch_accuracy_sum=0.0, epoch_steps=0)
   pending = None  # metrics of the previous step, read one step late so the device never waits
   last_time, images_seen = time.perf_counter(), 0
 
@@ -371,8 +372,9 @@ def _train_epoch(config, state, phase, dataset, meta, preprocess, augment, local
       logging.warning("non-finite loss at step %d skipped (%d so far)", step_index,
                       meta["skipped_steps"])
       return
-    losses.append(loss)
-    accuracies.append(float(step_metrics["accuracy"]))
+    meta["epoch_loss_sum"] += loss
+    meta["epoch_accuracy_sum"] += float(step_metrics["accuracy"])
+    meta["epoch_steps"] += 1
     if step_index % config.log_every_steps == 0:
       run_log.scalars(step_index, {"train/loss": loss,
                                    "train/learning_rate": float(schedule(step_index))})
@@ -408,8 +410,9 @@ def _train_epoch(config, state, phase, dataset, meta, preprocess, augment, local
     consume(*pending)
   if progress is not None:
     progress.close()
-  stats = {"loss": float(np.mean(losses)) if losses else float("nan"),
-           "accuracy": float(np.mean(accuracies)) if accuracies else float("nan")}
+  n = meta["epoch_steps"]
+  stats = {"loss": meta["epoch_loss_sum"] / n if n else float("nan"),
+           "accuracy": meta["epoch_accuracy_sum"] / n if n else float("nan")}
   return state, stats, False
 
 

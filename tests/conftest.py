@@ -96,6 +96,7 @@ def tiny_config(dataset_root, **overrides):
   c.augment.hflip = False
   c.schedule.name = "constant"
   c.schedule.warmup_epochs = 0.0
+  c.optimizer.lr = 0.03
   for key, value in overrides.items():
     target = c
     parts = key.split(".")
