@@ -14,11 +14,15 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
+
+
 class Checkpoints:
   """The two CheckpointManagers of a run."""
 
   def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    root = self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = dict(create=True, cleanup_tmp_directories=True,
                    enable_async_checkpointing=async_save)
     self.latest = ocp.CheckpointManager(
@@ -29,12 +33,20 @@ class Checkpoints:
         os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
 
   def save(self, step: int, state, meta: dict[str, Any], *, best: bool = False) -> None:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    self.latest.save(step, args=args, force=True)
-    if best:
-      self.best.wait_until_finished()
-      self.best.save(step, args=ocp.args.Composite(
+    """Saves asynchronously; an error of the previous save (disk full...) surfaces here."""
+    try:
+      self.latest.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      if best:
+        self.best.wait_until_finished()
+        self.best.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    except OSError as e:
+      raise CheckpointWriteError(self._message(step, e)) from e
+
+  def _message(self, step, error) -> str:
+    return (f"cannot write the checkpoint of step {step} under {self.root}: {error}. The last "
+            f"complete checkpoint (step {self.latest.latest_step()}) is intact.")
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -58,8 +70,11 @@ class Checkpoints:
         meta=ocp.args.JsonRestore()))["meta"])
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    try:
+      self.latest.wait_until_finished()
+      self.best.wait_until_finished()
+    except OSError as e:
+      raise CheckpointWriteError(self._message("(in flight)", e)) from e
 
   def close(self) -> None:
     self.latest.close()

@@ -19,6 +19,7 @@ CHOICES = {
     "bad_images": ("fail", "skip"),
     "nonfinite_policy": ("halt", "skip"),
     "early_stopping.metric": ("val_accuracy", "val_loss", "val_macro_f1", "val_top5"),
+    "resume": ("auto", "true", "false"),
 }
 POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "grad_accum_steps", "optimizer.lr",
             "eval_every_epochs", "log_every_steps")
@@ -169,12 +170,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.early_stopping.min_delta = 0.0  # smallest change that counts as an improvement
   c.checkpoint_every_steps = 0      # also save every N steps (0: at each evaluation only)
   c.keep_checkpoints = 2            # latest checkpoints kept (the best one is kept apart)
-  c.resume = True                   # resume from workdir/checkpoints when it has any
+  c.resume = "auto"                 # auto: resume when workdir has checkpoints; true: must resume
+                                    # (error when there are none); false: start over
   c.nonfinite_policy = "halt"       # halt: stop at a NaN/inf loss; skip: skip the step (capped)
   c.max_skipped_steps = 10          # skip policy: halt once this many steps were skipped
   # Performance and placement.
   c.bf16 = False                    # compute in bfloat16 (params and optimizer stay float32)
   c.distributed = False             # call jax.distributed.initialize() (multi-host)
+  c.coordinator_address = ""        # distributed: host:port of process 0 ("" : auto-detect,
+                                    # as on TPU VMs and SLURM)
+  c.num_processes = 0               # distributed: number of processes (0: auto-detect)
+  c.process_id = -1                 # distributed: this process's index (-1: auto-detect)
   c.log_every_steps = 10            # training metrics to TensorBoard every N steps
   c.progress_bar = True             # tqdm progress bar on host 0
   c.seed = 0                        # one seed for init, data order, augmentation and dropout

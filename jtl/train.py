@@ -171,7 +171,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config`, writing everything into `workdir`; returns the final metrics."""
   config_lib.validate(config)
   if config.distributed:
-    jax.distributed.initialize()
+    _initialize_distributed(config)
   is_host0 = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   _check_writable(workdir)
@@ -468,6 +468,21 @@ def _augment_from_config(a) -> "data_lib.Augment":
       mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha)
 
 
+def _initialize_distributed(config) -> None:
+  """Joins the other processes of a multi-host run (TPU VM pods, multi-GPU nodes, CPU tests)."""
+  kwargs = {}
+  if config.coordinator_address:
+    kwargs["coordinator_address"] = config.coordinator_address
+  if config.num_processes:
+    kwargs["num_processes"] = config.num_processes
+  if config.process_id >= 0:
+    kwargs["process_id"] = config.process_id
+  # CPU processes exchange gradients through gloo (the CPU backend has no collectives of its
+  # own); the setting does not affect GPU or TPU devices.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+
+
 def _check_writable(workdir: str) -> None:
   probe = os.path.join(workdir, ".write_probe")
   try:
@@ -483,7 +498,10 @@ def _check_resumable(config, workdir: str) -> None:
   saved_path = os.path.join(workdir, "config.json")
   has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints", "latest")) and any(
       name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints", "latest")))
-  if not config.resume:
+  if config.resume == "true" and not has_checkpoints:
+    raise config_lib.ConfigError(
+        f"config.resume=true but {workdir} has no checkpoint to resume from")
+  if config.resume == "false":
     if has_checkpoints:
       import shutil
       logging.info("config.resume=False: starting over in %s", workdir)
