@@ -169,34 +169,41 @@ def _cfg_for_classes(cfg: PretrainedCfg, num_classes: int) -> PretrainedCfg:
   return dataclasses.replace(cfg, num_classes=num_classes, label_names=None)
 
 
-def _convert(converters, state, module, layout: str | None, source: str) -> dict[str, np.ndarray]:
-  """Converted state, by the named layout or else by the layout that fits best."""
-  if state and all(k.startswith(("params/", "batch_stats/")) for k in state):
-    return dict(state)  # already our own names (jtl.export)
+def _convert(converters, state, module, layout: str | None, source: str,
+             image_size: int) -> dict[str, np.ndarray]:
+  """Converted state, by the named layout or else by the layout that fits the model best."""
   if layout is not None:
     return converters[layout](state, module)
-  if not converters:
-    raise ValueError(f"{source}: this model has no converters")
-  best, best_leftover = None, None
-  for convert in converters.values():
+  # Our own names (jtl.export) are one more candidate layout.
+  candidates = [lambda state, module: dict(state), *converters.values()]
+  target = set(P.flatten(abstract_variables(module, image_size)))
+  best, best_misfit = None, None
+  for convert in candidates:
     converted = convert(state, module)
-    leftover = sum(1 for k in converted if not k.startswith(("params/", "batch_stats/")))
-    if best is None or leftover < best_leftover:
-      best, best_leftover = converted, leftover
+    misfit = len(target - set(converted)) + len(set(converted) - target)
+    if best is None or misfit < best_misfit:
+      best, best_misfit = converted, misfit
   return best
+
+
+def abstract_variables(module: nn.Module, image_size: int):
+  """Shapes of the module's variables, without computing anything."""
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(functools.partial(module.init, train=False), jax.random.PRNGKey(0), x)
 
 
 def _load(name, build, converters, cfg: PretrainedCfg, path: str, num_classes: int | None,
           seed: int) -> Model:
   state = files.read_state_dict(path)
   provisional = build(num_classes=cfg.num_classes)
-  converted = _convert(converters, state, provisional, cfg.layout, path)
+  converted = _convert(converters, state, provisional, cfg.layout, path,
+                       _input_size(provisional, cfg))
   head = converted.get(f"{merge.HEAD_PREFIX}kernel")
   ckpt_classes = int(np.shape(head)[-1]) if head is not None else cfg.num_classes
   classes = num_classes or ckpt_classes
   module = build(num_classes=classes) if classes != cfg.num_classes else provisional
   if classes != cfg.num_classes:
-    converted = _convert(converters, state, module, cfg.layout, path)
+    converted = _convert(converters, state, module, cfg.layout, path, _input_size(module, cfg))
   variables = init_variables(module, _input_size(module, cfg), seed)
   variables = merge.merge(variables, converted, source=path, new_head=classes != ckpt_classes)
   cfg = dataclasses.replace(cfg, num_classes=classes,
