@@ -1,0 +1,171 @@
+"""Per-image preprocessing in TensorFlow: the eval transform and the training augmentations.
+
+Images arrive as uint8 [H, W, 3]. `eval_pixels` / `train_pixels` return uint8 [S, S, 3] (rounded
+like the PIL-based pipelines the pretrained weights were trained with, and 4x less to batch), and
+`normalize` turns a batch into float32 (x / 255 - mean) / std in one XLA-fused pass (TF's unfused
+cast-subtract-divide cost ~5x more CPU than the whole resize). All randomness is stateless, drawn
+from a key (int64 [2]) derived from (seed, epoch, example), so an epoch replays exactly, whichever
+worker thread runs which example.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from jtl.data import randaugment
+from jtl.data.image_ops import blend, grayscale, rotate
+from jtl.data.tf_setup import tf
+
+_RESIZE_METHODS = {"bilinear": tf.image.ResizeMethod.BILINEAR,
+                   "bicubic": tf.image.ResizeMethod.BICUBIC}
+
+# Sub-streams of an example's key, one per random decision.
+_CROP, _FLIP, _ROTATE, _JITTER, _RANDAUGMENT = 1, 2, 3, 4, 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """What a backbone expects: the output side, the eval crop, the resampling and the normalisation."""
+  image_size: int            # output side (square)
+  crop_pct: float = 0.875    # eval: resize short side to image_size / crop_pct, then centre crop
+  interpolation: str = "bilinear"  # "bilinear" | "bicubic" (both antialiased when shrinking)
+  mean: tuple = (0.485, 0.456, 0.406)  # on [0, 1] pixels
+  std: tuple = (0.229, 0.224, 0.225)
+
+  def __post_init__(self):
+    if self.interpolation not in _RESIZE_METHODS:
+      raise ValueError(f"interpolation must be one of {sorted(_RESIZE_METHODS)}, "
+                       f"got {self.interpolation!r}")
+    if self.image_size <= 0 or not 0 < self.crop_pct <= 1.5:
+      raise ValueError(f"bad image_size {self.image_size} or crop_pct {self.crop_pct}")
+
+  @classmethod
+  def from_pretrained_cfg(cls, cfg: Any, image_size: int | None = None) -> "Preprocess":
+    """From a jtl.models.PretrainedCfg; image_size overrides the size the weights were trained at."""
+    return cls(image_size=int(image_size or cfg.image_size), crop_pct=float(cfg.crop_pct),
+               interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Training augmentation; every field optional. Field meanings follow torchvision/timm."""
+  random_resized_crop: bool = True   # else the eval resize + centre crop
+  scale: tuple = (0.08, 1.0)         # crop area as a fraction of the image area
+  ratio: tuple = (3 / 4, 4 / 3)      # crop width / height
+  hflip: bool = True
+  rotation_degrees: float = 0.0      # uniform in [-d, d], reflected borders
+  color_jitter: float = 0.0          # brightness, contrast, saturation factors in [1-j, 1+j]
+  randaugment: tuple | None = None   # (num_ops, magnitude 0-10), e.g. (2, 9)
+  mixup_alpha: float = 0.0           # per batch; labels become soft
+  cutmix_alpha: float = 0.0          # per batch; with mixup too, one of the two per batch
+
+  @property
+  def mixes(self) -> bool:
+    return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+def sub_key(key: tf.Tensor, stream: int) -> tf.Tensor:
+  return tf.random.experimental.stateless_fold_in(key, stream)
+
+
+@tf.function(jit_compile=True)
+def _normalize(pixels, mean255, inv_std255):
+  return (tf.cast(pixels, tf.float32) - mean255) * inv_std255
+
+
+def normalize(pixels: tf.Tensor, pp: Preprocess) -> tf.Tensor:
+  """Pixels in [0, 255] (any shape ending in 3 channels) -> (x / 255 - mean) / std, float32."""
+  mean255 = tf.constant(pp.mean, tf.float32) * 255.0
+  inv_std255 = 1.0 / (tf.constant(pp.std, tf.float32) * 255.0)
+  return _normalize(pixels, mean255, inv_std255)
+
+
+def to_pixels(image: tf.Tensor) -> tf.Tensor:
+  """float [0, 255] (bicubic may overshoot) -> uint8, rounded and clipped."""
+  return tf.saturate_cast(tf.round(image), tf.uint8)
+
+
+def _resize(image: tf.Tensor, size, pp: Preprocess) -> tf.Tensor:
+  method = _RESIZE_METHODS[pp.interpolation]
+  size = tf.convert_to_tensor(size, tf.int32)
+  shape = tf.shape(image)
+  shrinks = tf.logical_or(size[0] < shape[0], size[1] < shape[1])
+  # Antialiasing only matters when shrinking; when enlarging, TF's antialiased kernel gives the
+  # plain result (to < 0.2 / 255 for bicubic) at a quarter of the speed, and small images
+  # enlarged to the backbone's size are the common case here.
+  return tf.cond(shrinks, lambda: tf.image.resize(image, size, method=method, antialias=True),
+                 lambda: tf.image.resize(image, size, method=method, antialias=False))
+
+
+def resize_and_centre_crop(image: tf.Tensor, pp: Preprocess) -> tf.Tensor:
+  """Short side to floor(S / crop_pct) (at least S), then the central S x S; float ~[0, 255]."""
+  size = pp.image_size
+  scale_size = max(size, int(math.floor(size / pp.crop_pct)))
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+  short = tf.minimum(h, w)
+  # The long side is truncated like torchvision's Resize(int).
+  new_h = tf.cast(tf.maximum(tf.floor(h * scale_size / short), size), tf.int32)
+  new_w = tf.cast(tf.maximum(tf.floor(w * scale_size / short), size), tf.int32)
+  new_h = tf.where(h <= w, scale_size, new_h)
+  new_w = tf.where(w < h, scale_size, new_w)
+  resized = _resize(image, tf.stack([new_h, new_w]), pp)
+  top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
+  return tf.ensure_shape(resized[top:top + size, left:left + size, :], [size, size, 3])
+
+
+def eval_pixels(image: tf.Tensor, pp: Preprocess) -> tf.Tensor:
+  """uint8 [H, W, 3] -> the eval view, uint8 [S, S, 3]."""
+  return to_pixels(resize_and_centre_crop(image, pp))
+
+
+def eval_image(image: tf.Tensor, pp: Preprocess) -> tf.Tensor:
+  return normalize(eval_pixels(image, pp), pp)
+
+
+def random_resized_crop(image: tf.Tensor, key: tf.Tensor, pp: Preprocess,
+                        aug: Augment) -> tf.Tensor:
+  """A random area/aspect crop resized to S x S (torchvision's RandomResizedCrop, whole image as
+  the fallback after 10 failed attempts)."""
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4], tf.float32), seed=key,
+      min_object_covered=0.0, aspect_ratio_range=aug.ratio, area_range=aug.scale,
+      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  crop = tf.slice(image, begin, crop_size)
+  resized = _resize(crop, [pp.image_size, pp.image_size], pp)
+  return tf.ensure_shape(resized, [pp.image_size, pp.image_size, 3])
+
+
+def color_jitter(image: tf.Tensor, key: tf.Tensor, strength: float) -> tf.Tensor:
+  """Brightness, contrast, saturation, each by a factor uniform in [max(0, 1-j), 1+j]."""
+  factors = tf.random.stateless_uniform([3], key, max(0.0, 1.0 - strength), 1.0 + strength)
+  image = blend(image, tf.zeros_like(image), factors[0])
+  image = blend(image, tf.reduce_mean(grayscale(image)), factors[1])
+  return blend(image, grayscale(image), factors[2])
+
+
+def train_pixels(image: tf.Tensor, key: tf.Tensor, pp: Preprocess, aug: Augment) -> tf.Tensor:
+  """uint8 [H, W, 3] -> an augmented view, uint8 [S, S, 3]."""
+  if aug.random_resized_crop:
+    x = random_resized_crop(image, sub_key(key, _CROP), pp, aug)
+  else:
+    x = resize_and_centre_crop(image, pp)
+  if aug.hflip:
+    flip = tf.random.stateless_uniform([], sub_key(key, _FLIP)) < 0.5
+    x = tf.cond(flip, lambda: tf.reverse(x, [1]), lambda: x)
+  if aug.rotation_degrees:
+    limit = math.radians(aug.rotation_degrees)
+    angle = tf.random.stateless_uniform([], sub_key(key, _ROTATE), -limit, limit)
+    x = rotate(x, angle)
+  if aug.color_jitter:
+    x = color_jitter(x, sub_key(key, _JITTER), aug.color_jitter)
+  if aug.randaugment:
+    num_ops, magnitude = aug.randaugment
+    x = randaugment.randaugment(x, sub_key(key, _RANDAUGMENT), int(num_ops), float(magnitude))
+  return tf.ensure_shape(to_pixels(x), [pp.image_size, pp.image_size, 3])
+
+
+def train_image(image: tf.Tensor, key: tf.Tensor, pp: Preprocess, aug: Augment) -> tf.Tensor:
+  return normalize(train_pixels(image, key, pp, aug), pp)
