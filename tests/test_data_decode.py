@@ -175,3 +175,23 @@ def test_folder_rules(tmp_path):
 
 def test_tensorflow_sees_no_accelerator():
   assert tf.config.get_visible_devices("GPU") == []
+
+
+def test_large_jpegs_are_decoded_downscaled_to_the_recorded_size(tmp_path):
+  # ceil(short / r) >= 512 for the largest r in 1, 2, 4, 8
+  assert [decode.jpeg_downscale(h, 5000, 512) for h in (4096, 3000, 2045, 2044, 1023, 1022)] == [
+      8, 4, 4, 2, 2, 1]
+  assert decode.jpeg_downscale(3000, 4000, 0) == 1
+  photo = np.kron(image_corpus.upright(), np.ones((200, 200, 1), np.uint8))  # 1200 x 1600
+  for cls in ("a", "b"):
+    (tmp_path / cls).mkdir()
+    Image.fromarray(photo).save(tmp_path / cls / "photo.jpg", quality=95,
+                                exif=image_corpus.exif_bytes(6))
+  ds = data.open_dataset(f"folder:{tmp_path}", val_fraction=0.0, decode_min_side=500)
+  table = ds.table("train")
+  # Stored 1200 x 1600, shown rotated: 1600 x 1200; 1200 / 2 = 600 >= 500 > 1200 / 4.
+  assert (table.downscales[0], table.heights[0], table.widths[0]) == (2, 800, 600)
+  image = ds.images("train").image(tf.constant(0, tf.int64)).numpy()
+  assert image.shape == (800, 600, 3)
+  rotated = np.rot90(photo, k=-1)[::2, ::2]  # orientation 6 undone, then halved
+  assert np.abs(image.astype(int) - rotated).mean() < 3

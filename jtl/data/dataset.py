@@ -76,7 +76,7 @@ def _carve_and_subset(labels: np.ndarray, num_classes: int, has_val: bool, val_f
 
 
 def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_images, report_dir,
-                 max_image_pixels, scan_workers, cache_decoded) -> Dataset:
+                 max_image_pixels, scan_workers, cache_decoded, decode_min_side) -> Dataset:
   if bad_images not in scan.BAD_IMAGE_POLICIES:
     raise ValueError(f"bad_images must be one of {scan.BAD_IMAGE_POLICIES}, got {bad_images!r}")
   listing = folder.list_folder(root)
@@ -105,12 +105,18 @@ def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_image
     start += len(split_paths)
     good = np.array([isinstance(r, decode.ImageInfo) for r in infos], bool).reshape(-1)
     infos = [r for r in infos if isinstance(r, decode.ImageInfo)]
+    downscales = np.array([decode.jpeg_downscale(r.height, r.width, decode_min_side)
+                           if r.kind == decode.KIND_JPEG else 1 for r in infos], np.int32)
+    heights = np.array([r.height for r in infos], np.int32)
+    widths = np.array([r.width for r in infos], np.int32)
     tables[s] = SplitTable(
         sources=split_paths[good], from_files=True, labels=split_labels[good],
         kinds=np.array([r.kind for r in infos], np.int8),
         orientations=np.array([r.orientation for r in infos], np.int8),
-        heights=np.array([r.height for r in infos], np.int32),
-        widths=np.array([r.width for r in infos], np.int32))
+        # libjpeg rounds scaled sizes up.
+        heights=(heights + downscales - 1) // downscales,
+        widths=(widths + downscales - 1) // downscales,
+        downscales=downscales.astype(np.int8))
   counts = np.bincount(tables["train"].labels, minlength=num_classes)
   if counts.min() == 0:
     empty = listing.class_names[int(np.argmin(counts))]
@@ -140,7 +146,8 @@ def open_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float 
                  seed: int = 0, max_train_examples: int | None = None, bad_images: str = "fail",
                  report_dir: str | None = None,
                  max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS,
-                 cache_decoded: bool | None = None, scan_workers: int | None = None) -> Dataset:
+                 cache_decoded: bool | None = None, scan_workers: int | None = None,
+                 decode_min_side: int = decode.DEFAULT_DECODE_MIN_SIDE) -> Dataset:
   """Open "folder:PATH" or "tfds:NAME".
 
   val_fraction: share of each class carved (seeded, stratified) out of train when the source has
@@ -149,13 +156,16 @@ def open_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float 
   bad_images (folders): "fail" raises one ValueError listing every unusable file; "skip" drops
     them and writes report_dir/skipped_files.txt. max_image_pixels bounds width * height.
   cache_decoded: keep decoded images in memory; None decides by size (default_cache_budget_bytes).
+  decode_min_side (folders): JPEGs are decoded at 1/2, 1/4 or 1/8 scale when their short side
+    stays >= this; 0 decodes everything at full size.
   """
   kind, _, target = spec.partition(":")
   if kind == "folder" and target:
     return _open_folder(os.path.abspath(os.path.expanduser(target)), val_fraction=val_fraction,
                         seed=seed, max_train_examples=max_train_examples, bad_images=bad_images,
                         report_dir=report_dir, max_image_pixels=max_image_pixels,
-                        scan_workers=scan_workers, cache_decoded=cache_decoded)
+                        scan_workers=scan_workers, cache_decoded=cache_decoded,
+                        decode_min_side=decode_min_side)
   if kind == "tfds" and target:
     return _open_tfds(target, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
                       max_train_examples=max_train_examples, cache_decoded=cache_decoded)

@@ -26,8 +26,13 @@ class SplitTable:
   labels: np.ndarray        # int32
   kinds: np.ndarray         # int8, decode.KIND_*
   orientations: np.ndarray  # int8, EXIF 1-8
-  heights: np.ndarray       # int32 after orientation; -1 when unknown
+  heights: np.ndarray       # int32 as decoded (oriented, downscaled); -1 when unknown
   widths: np.ndarray
+  downscales: np.ndarray | None = None  # int8, JPEG decode scale denominator; None: all 1
+
+  def __post_init__(self):
+    if self.downscales is None:
+      self.downscales = np.ones(len(self.labels), np.int8)
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -35,7 +40,7 @@ class SplitTable:
   def take(self, indices: np.ndarray) -> "SplitTable":
     return SplitTable(self.sources[indices], self.from_files, self.labels[indices],
                       self.kinds[indices], self.orientations[indices], self.heights[indices],
-                      self.widths[indices])
+                      self.widths[indices], self.downscales[indices])
 
   def decoded_bytes(self) -> int | None:
     if len(self) and (self.heights.min() < 0 or self.widths.min() < 0):
@@ -52,6 +57,7 @@ class SplitImages:
     self._from_files = table.from_files
     self._kinds = tf.constant(table.kinds.astype(np.int32))
     self._orientations = tf.constant(table.orientations.astype(np.int32))
+    self._downscales = tf.constant(table.downscales.astype(np.int32))
     self.labels = tf.constant(table.labels.astype(np.int32))
     self._flat = self._offsets = self._shapes = None
     self.traced_functions: dict = {}  # pipeline functions over this split, see pipeline._traced
@@ -61,7 +67,8 @@ class SplitImages:
   def decode(self, index: tf.Tensor) -> tf.Tensor:
     source = self._sources[index]
     data = tf.io.read_file(source) if self._from_files else source
-    return decode.decode_tf(data, self._kinds[index], self._orientations[index])
+    return decode.decode_tf(data, self._kinds[index], self._orientations[index],
+                            self._downscales[index])
 
   def image(self, index: tf.Tensor) -> tf.Tensor:
     if self._flat is None:

@@ -125,20 +125,26 @@ def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Prepro
   """
   images = ds.images(split)
   n = images.size
+  if n == 0:
+    return
   per_process = -(-n // process_count)
   num_batches = -(-per_process // batch_size)
   indices = np.arange(num_batches * batch_size, dtype=np.int64) * process_count + process_index
   indices[indices >= n] = -1
   size = preprocess.image_size
 
-  def load(index):
-    def real():
-      return (eval_pixels(images.image(index), preprocess),
-              tf.gather(images.labels, index), tf.constant(True))
+  def build_load():
+    def load(index):
+      def real():
+        return (eval_pixels(images.image(index), preprocess),
+                tf.gather(images.labels, index), tf.constant(True))
 
-    def padding():
-      return tf.zeros([size, size, 3], tf.uint8), tf.constant(0, tf.int32), tf.constant(False)
-    return tf.cond(index >= 0, real, padding)
+      def padding():
+        return tf.zeros([size, size, 3], tf.uint8), tf.constant(0, tf.int32), tf.constant(False)
+      return tf.cond(index >= 0, real, padding)
+    return load
+
+  load = _traced(images, "eval_load", (preprocess,), [tf.TensorSpec([], tf.int64)], build_load)
 
   data = (tf.data.Dataset.from_tensor_slices(indices)
           .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

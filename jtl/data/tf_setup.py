@@ -23,9 +23,11 @@ def _hide_accelerators() -> None:
     tf.config.set_visible_devices([], "GPU")
     tf.config.set_visible_devices([], "TPU")
   except (RuntimeError, ValueError):
-    # Devices already initialised by someone else, or no such device type in this build:
-    # either way there is nothing left that we could hide.
+    # Devices already initialised by someone else, or no such device type in this build.
     pass
+  if tf.config.get_visible_devices("GPU"):
+    logging.getLogger(__name__).warning(
+        "TensorFlow was initialised before jtl.data and holds a GPU; import jtl.data first")
 
 
 _hide_accelerators()

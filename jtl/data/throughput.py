@@ -47,9 +47,10 @@ def write_synthetic(root: str, fmt: str, count: int, size=(480, 640)) -> str:
 
 
 def measure(spec: str, *, image_size: int, batch_size: int, max_batches: int,
-            cache_decoded: bool | None, augment: data.Augment) -> dict:
+            cache_decoded: bool | None, augment: data.Augment, decode_min_side: int) -> dict:
   start = time.perf_counter()
-  ds = data.open_dataset(spec, val_fraction=0.0, cache_decoded=cache_decoded)
+  ds = data.open_dataset(spec, val_fraction=0.0, cache_decoded=cache_decoded,
+                         decode_min_side=decode_min_side)
   open_s = time.perf_counter() - start
   pp = data.Preprocess(image_size=image_size)
   batches = data.train_batches(ds, batch_size=batch_size, preprocess=pp, augment=augment, seed=0,
@@ -77,16 +78,20 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=20)
   parser.add_argument("--count", type=int, default=600, help="images per synthetic folder")
   parser.add_argument("--cache", choices=["auto", "on", "off"], default="off")
+  parser.add_argument("--photo-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
+  parser.add_argument("--formats", default="jpeg,jpeg_exif6,webp,png")
+  parser.add_argument("--decode-min-side", type=int, default=data.DEFAULT_DECODE_MIN_SIDE)
   args = parser.parse_args()
   cache = {"auto": None, "on": True, "off": False}[args.cache]
   augment = data.Augment()
   with tempfile.TemporaryDirectory() as tmp:
     specs = args.spec or [
-        f"folder:{write_synthetic(os.path.join(tmp, fmt), fmt, args.count)}"
-        for fmt in ("jpeg", "jpeg_exif6", "webp", "png")]
+        f"folder:{write_synthetic(os.path.join(tmp, fmt), fmt, args.count, args.photo_size)}"
+        for fmt in args.formats.split(",")]
     for spec in specs:
       result = measure(spec, image_size=args.image_size, batch_size=args.batch_size,
-                       max_batches=args.batches, cache_decoded=cache, augment=augment)
+                       max_batches=args.batches, cache_decoded=cache, augment=augment,
+                       decode_min_side=args.decode_min_side)
       print(f"{os.path.basename(result['spec'])[:40]:40s} n={result['examples']:6d} "
             f"open+scan {result['open_s']:6.1f} s  first batch {result['first_batch_s']:5.1f} s  "
             f"cached={result['cached']!s:5s} train {result['train_images_per_s']:7.0f} img/s "
