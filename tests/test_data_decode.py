@@ -118,7 +118,8 @@ def test_fail_policy_raises_once_listing_every_bad_file(tmp_path, odd_dir, bad_d
   message = str(error.value)
   assert f"{len(bad_dir[1])} unusable" in message
   for name, words in bad_dir[1].items():
-    line = next(l for l in message.splitlines() if l.strip().startswith(os.path.join(root, "b", name)))
+    bad_path = os.path.join(root, "b", name)
+    line = next(l for l in message.splitlines() if l.strip().startswith(bad_path))
     assert words in line.lower(), line
 
 

@@ -5,7 +5,8 @@ Importing this package first configures TensorFlow for CPU only (see tf_setup).
 """
 from jtl.data import tf_setup  # noqa: F401  (must precede any other TensorFlow use)
 from jtl.data.dataset import Dataset, open_dataset
-from jtl.data.decode import DEFAULT_DECODE_MIN_SIDE, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
+from jtl.data.decode import (DEFAULT_DECODE_MIN_SIDE, DEFAULT_MAX_IMAGE_PIXELS,
+                             IMAGE_EXTENSIONS)
 from jtl.data.pipeline import epoch_order, eval_batches, steps_per_epoch, train_batches
 from jtl.data.preprocess import Augment, Preprocess
 

@@ -1,4 +1,4 @@
-"""Small TensorFlow image ops shared by the augmentations; images are float [H, W, C] in [0, 255]."""
+"""Small TensorFlow image ops shared by the augmentations; images are float [H, W, C], 0-255."""
 from __future__ import annotations
 
 from jtl.data.tf_setup import tf

@@ -26,7 +26,7 @@ _CROP, _FLIP, _ROTATE, _JITTER, _RANDAUGMENT = 1, 2, 3, 4, 5
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """What a backbone expects: the output side, the eval crop, the resampling and the normalisation."""
+  """What a backbone expects: output side, eval crop, resampling and normalisation."""
   image_size: int            # output side (square)
   crop_pct: float = 0.875    # eval: resize short side to image_size / crop_pct, then centre crop
   interpolation: str = "bilinear"  # "bilinear" | "bicubic" (both antialiased when shrinking)
@@ -42,7 +42,7 @@ class Preprocess:
 
   @classmethod
   def from_pretrained_cfg(cls, cfg: Any, image_size: int | None = None) -> "Preprocess":
-    """From a jtl.models.PretrainedCfg; image_size overrides the size the weights were trained at."""
+    """From a jtl.models.PretrainedCfg; image_size overrides the weights' training size."""
     return cls(image_size=int(image_size or cfg.image_size), crop_pct=float(cfg.crop_pct),
                interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
 
