@@ -10,5 +10,6 @@ from jtl.data.decode import (DEFAULT_DECODE_MIN_SIDE, DEFAULT_MAX_IMAGE_PIXELS,
 from jtl.data.pipeline import epoch_order, eval_batches, steps_per_epoch, train_batches
 from jtl.data.preprocess import Augment, Preprocess
 
-__all__ = ["Augment", "Dataset", "DEFAULT_DECODE_MIN_SIDE", "DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS", "Preprocess",
-           "epoch_order", "eval_batches", "open_dataset", "steps_per_epoch", "train_batches"]
+__all__ = ["Augment", "Dataset", "DEFAULT_DECODE_MIN_SIDE", "DEFAULT_MAX_IMAGE_PIXELS",
+           "IMAGE_EXTENSIONS", "Preprocess", "epoch_order", "eval_batches", "open_dataset",
+           "steps_per_epoch", "train_batches"]
