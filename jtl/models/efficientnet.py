@@ -105,9 +105,14 @@ class LayerStyle(NamedTuple):
   def conv_bn(self, x, train: bool, prefix: str, features: int, kernel: int, stride: int = 1,
               groups: int = 1, act: bool = True):
     """A bias-free conv "<prefix>conv" and its BatchNorm "<prefix>bn" in the calling module."""
-    x = nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                padding=conv_padding(kernel, self.padding), feature_group_count=groups,
-                use_bias=False, kernel_init=conv_init(groups), name=f"{prefix}conv")(x)
+    if groups > 1 and groups == features == x.shape[-1]:
+      x = common.DepthwiseConv((kernel, kernel), strides=(stride, stride),
+                               padding=conv_padding(kernel, self.padding),
+                               kernel_init=conv_init(groups), name=f"{prefix}conv")(x)
+    else:
+      x = nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                  padding=conv_padding(kernel, self.padding), feature_group_count=groups,
+                  use_bias=False, kernel_init=conv_init(groups), name=f"{prefix}conv")(x)
     x = common.BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
                          momentum=self.bn_momentum, name=f"{prefix}bn")(x)
     return self.act(x) if act else x

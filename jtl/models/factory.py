@@ -49,6 +49,21 @@ def _predict_fn(module: nn.Module):
   return jax.jit(lambda variables, x: module.apply(variables, x, train=False))
 
 
+def _variables_to_fill(module: nn.Module, image_size: int, seed: int, new_head: bool):
+  """Shapes of every variable, with real random values only for a new head.
+
+  Compiling a whole network's random init costs 5-40 s on a CPU and every value would be
+  overwritten by the checkpoint; jitting only the head's slice lets XLA drop the rest.
+  """
+  variables = P.flatten(abstract_variables(module, image_size))
+  if new_head:
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    head = jax.jit(lambda rng: module.init(rng, x, train=False)["params"]["head"])(
+        jax.random.PRNGKey(seed))
+    variables.update({f"params/head/{k}": np.asarray(v) for k, v in P.flatten(head).items()})
+  return P.unflatten(variables)
+
+
 def init_variables(module: nn.Module, image_size: int, seed: int = 0) -> dict[str, Any]:
   """Random variables for `module` (numpy arrays, on the host)."""
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -204,8 +219,9 @@ def _load(name, build, converters, cfg: PretrainedCfg, path: str, num_classes: i
   module = build(num_classes=classes) if classes != cfg.num_classes else provisional
   if classes != cfg.num_classes:
     converted = _convert(converters, state, module, cfg.layout, path, _input_size(module, cfg))
-  variables = init_variables(module, _input_size(module, cfg), seed)
-  variables = merge.merge(variables, converted, source=path, new_head=classes != ckpt_classes)
+  new_head = classes != ckpt_classes
+  variables = _variables_to_fill(module, _input_size(module, cfg), seed, new_head)
+  variables = merge.merge(variables, converted, source=path, new_head=new_head)
   cfg = dataclasses.replace(cfg, num_classes=classes,
                             label_names=cfg.label_names if classes == ckpt_classes else None)
   if ckpt_classes != cfg.num_classes and classes == ckpt_classes:

@@ -24,6 +24,9 @@ def merge(variables: Mapping[str, Any], converted: Mapping[str, np.ndarray], *, 
           new_head: bool = False) -> dict[str, Any]:
   """Returns `variables` with every entry replaced by the checkpoint's.
 
+  `variables` may hold arrays or jax.ShapeDtypeStruct (then only the head, when new, needs
+  real values).
+
   new_head: the model's head has another number of classes than the checkpoint's; the head is
   then kept as initialised (and logged), and only the head may be absent or differ in shape.
   """
@@ -31,9 +34,9 @@ def merge(variables: Mapping[str, Any], converted: Mapping[str, np.ndarray], *, 
   missing = [k for k in target if k not in converted]
   unexpected = [k for k in converted if k not in target]
   mismatched = [f"{k}: checkpoint {tuple(np.shape(converted[k]))} vs model "
-                f"{tuple(np.shape(target[k]))}"
+                f"{tuple(target[k].shape)}"
                 for k in target if k in converted
-                and tuple(np.shape(converted[k])) != tuple(np.shape(target[k]))]
+                and tuple(np.shape(converted[k])) != tuple(target[k].shape)]
   if new_head:
     is_head = lambda s: s.startswith(HEAD_PREFIX)
     missing = [k for k in missing if not is_head(k)]
@@ -55,7 +58,7 @@ def merge(variables: Mapping[str, Any], converted: Mapping[str, np.ndarray], *, 
     if new_head and k.startswith(HEAD_PREFIX):
       merged[k] = v
     else:
-      merged[k] = np.asarray(converted[k], dtype=np.asarray(v).dtype)
+      merged[k] = np.asarray(converted[k], dtype=v.dtype)
   if new_head:
     logging.info("%s: head freshly initialised (%s) since num_classes differs from the "
                  "checkpoint's", source, ", ".join(k for k in target if k.startswith(HEAD_PREFIX)))
