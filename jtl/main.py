@@ -15,10 +15,19 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pic
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging.Filter):
+  """Orbax logs every checkpoint operation at INFO; keep its warnings and errors only."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
   from jtl import train
   train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
