@@ -1,14 +1,18 @@
-"""Full fine-tuning: every EfficientNet-Lite0 parameter trains, on the demo data.
+"""Full fine-tuning: every EfficientNet-Lite0 parameter trains (from its ImageNet weights).
 
   python -m jtl.main --config configs/full_ft.py --workdir runs/full
-  Result on the demo data: see README ("The demo").
+  python -m jtl.main --config configs/full_ft.py:photos --workdir runs/mine \\
+      --config.dataset=folder:/path/to/images
+
+On the demo data it reached RESULT_FULL.
 """
 from configs import common
 
 
-def get_config():
-  c = common.get_config()
+def get_config(arg=None):
+  c = common.for_data(common.get_config(), arg)
+  c.model = "efficientnet_lite0"
   c.strategy = "full"
-  c.optimizer.lr = 5e-4             # the whole backbone moves: a smaller step
+  c.optimizer.lr = 1e-3             # the whole backbone moves: a smaller step
   c.optimizer.layer_decay = 0.8     # lower stages move less than the head
   return c
