@@ -66,7 +66,9 @@ def plot_curves(records: Sequence[dict], path: str) -> None:
     epochs = [r["epoch"] for r in rows]
     axes[0].plot(epochs, [r["loss"] for r in rows], style, label=split)
     axes[1].plot(epochs, [r["accuracy"] for r in rows], style, label=split)
+  from matplotlib.ticker import MaxNLocator
   for ax, title in zip(axes, ("loss", "accuracy")):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_title(title)
     ax.grid(alpha=0.3)
