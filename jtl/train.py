@@ -35,6 +35,10 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
+class WorkdirError(OSError):
+  """The workdir cannot be created or written (a file in its place, permissions, disk full)."""
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -134,13 +138,23 @@ class _Phase:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
+  """SIGTERM asks the loop to save and exit at a step boundary, the same one on every host.
+
+  One host: a Python handler sets a flag. Several hosts: each may get its SIGTERM at another
+  step, and one host saving (a collective) while another trains (another collective) hangs
+  both; so JAX's preemption service (started by jax.distributed.initialize) catches SIGTERM,
+  tells every host, and names the step at which all of them stop.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._across_hosts = False
 
   def __enter__(self):
+    if jax.process_count() > 1 and jax.config.jax_enable_preemption_service:
+      self._across_hosts = True
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -150,6 +164,15 @@ class _Preemption:
   def _handle(self, signum, frame):
     logging.warning("SIGTERM: saving a checkpoint and stopping")
     self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; called once for every step, on every host."""
+    if self._across_hosts:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        logging.warning("preemption notice: every host saves step %d and stops", step)
+        self.requested = True
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -173,7 +196,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.distributed:
     _initialize_distributed(config)
   is_host0 = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   _check_writable(workdir)
   _check_resumable(config, workdir)
 
@@ -251,12 +273,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
   run_log = report.RunLog(workdir, enabled=is_host0)
+  failed = False
   try:
     meta = {"epoch": 0, "step_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0,
             "skipped_steps": 0, "train_seconds": 0.0, "finished": False}
     latest = checkpoints.latest_step()
     if latest is not None:
       state, meta = _restore(checkpoints, state, phase_for_epoch, replicated)
+      checkpoints.discard_best_after(latest)
       phase = phase_for_epoch(meta["epoch"])
       run_log.truncate_after(latest)
       logging.info("resumed from step %d (epoch %d, step %d in it)", latest, meta["epoch"],
@@ -304,7 +328,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           "learning_rate": lr})
           metric = config.early_stopping.metric
           value = result[metric[len("val_"):]]
-          if _improved(metric, value, meta["best"], config.early_stopping.min_delta):
+          # A model whose validation loss is not finite has diverged, whatever its accuracy.
+          if (np.isfinite(result["loss"])
+              and _improved(metric, value, meta["best"], config.early_stopping.min_delta)):
             meta.update(best=value, best_step=step, bad_evals=0)
             is_best = True
           else:
@@ -334,9 +360,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       report.plot_confusion_matrix(final["confusion_matrix"], class_names,
                                    os.path.join(workdir, "confusion_matrix.png"))
     return final
+  except BaseException:
+    failed = True
+    raise
   finally:
-    # Also on a crash: let an in-flight asynchronous save finish rather than leave it half done.
-    checkpoints.close()
+    # Also on a crash: let an in-flight asynchronous save finish rather than leave it half done
+    # (and report its own failure only when it is the first thing to go wrong).
+    checkpoints.close(raise_errors=not failed)
     run_log.close()
 
 
@@ -395,7 +425,7 @@ def _train_epoch(config, state, phase, dataset, meta, preprocess, augment, local
       consume(*pending)
     pending = (step_metrics, state_step)
     meta["step_in_epoch"] = index + 1
-    if preemption.requested:
+    if preemption.reached(state_step):
       consume(*pending)
       meta["train_seconds"] = time.perf_counter() - train_start
       checkpoints.save(state_step, state, meta)
@@ -484,13 +514,16 @@ def _initialize_distributed(config) -> None:
 
 
 def _check_writable(workdir: str) -> None:
-  probe = os.path.join(workdir, ".write_probe")
+  """Creates the workdir and proves it writable before any work, naming it when it is not."""
+  # One probe per process: the hosts of a multi-host run share the workdir.
+  probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
   try:
+    os.makedirs(workdir, exist_ok=True)
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise PermissionError(f"workdir {workdir} is not writable: {e}") from None
+    raise WorkdirError(f"workdir {workdir} cannot be created or written: {e}") from None
 
 
 def _check_resumable(config, workdir: str) -> None:
