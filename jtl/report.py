@@ -23,9 +23,12 @@ class RunLog:
     """One evaluation: step, epoch, split, loss, accuracy, top5, learning rate, ..."""
     if not self.enabled:
       return
+    # Strict JSON: a diverged value is written as null, not as the non-standard NaN.
+    clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+             for k, v in entry.items()}
     with open(self.path, "a") as f:
-      f.write(json.dumps(entry) + "\n")
-    for key, value in entry.items():
+      f.write(json.dumps(clean, allow_nan=False) + "\n")
+    for key, value in clean.items():
       if isinstance(value, (int, float)) and key not in ("step", "epoch"):
         self._tb.scalar(f"{entry['split']}/{key}", value, entry["step"])
     self._tb.flush()
@@ -38,8 +41,14 @@ class RunLog:
   def records(self) -> list[dict]:
     if not os.path.exists(self.path):
       return []
+    records = []
     with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash or a full disk
+          break
+    return records
 
   def truncate_after(self, step: int) -> None:
     """On resume: drop records written after the checkpoint being resumed from."""
@@ -64,8 +73,9 @@ def plot_curves(records: Sequence[dict], path: str) -> None:
     if not rows:
       continue
     epochs = [r["epoch"] for r in rows]
-    axes[0].plot(epochs, [r["loss"] for r in rows], style, label=split)
-    axes[1].plot(epochs, [r["accuracy"] for r in rows], style, label=split)
+    values = lambda key: [np.nan if r.get(key) is None else r[key] for r in rows]
+    axes[0].plot(epochs, values("loss"), style, label=split)
+    axes[1].plot(epochs, values("accuracy"), style, label=split)
   from matplotlib.ticker import MaxNLocator
   for ax, title in zip(axes, ("loss", "accuracy")):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -535,13 +535,17 @@ def _check_resumable(config, workdir: str) -> None:
     raise config_lib.ConfigError(
         f"config.resume=true but {workdir} has no checkpoint to resume from")
   if config.resume == "false":
-    if has_checkpoints:
+    # Host 0 alone deletes (the hosts share the workdir); the others wait until it has.
+    if has_checkpoints and jax.process_index() == 0:
       import shutil
-      logging.info("config.resume=False: starting over in %s", workdir)
+      logging.info("config.resume=false: starting over in %s", workdir)
       shutil.rmtree(os.path.join(workdir, "checkpoints"))
       for name in ("metrics.jsonl", "final_metrics.json"):
         if os.path.exists(os.path.join(workdir, name)):
           os.remove(os.path.join(workdir, name))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("jtl: resume=false clean-up done")
     return
   if has_checkpoints and os.path.exists(saved_path):
     with open(saved_path) as f:
