@@ -206,6 +206,17 @@ def _seconds(value) -> str:
   return "n/a" if value is None else f"{value:.3f}"
 
 
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
 def _cores(value) -> str:
   return "n/a" if value is None else f"{value:.2f}"
 
@@ -295,7 +306,7 @@ def main(argv=None) -> int:
         f"(1 / 5 / 15 min)")
   results = {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+      "machine": {"platform": platform.platform(), "processor": _cpu_model(),
                   "cpus": os.cpu_count(), "jax": jax.__version__,
                   "backend": jax.default_backend(), "devices": jax.device_count(),
                   "torch_threads": torch_threads},

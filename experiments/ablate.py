@@ -271,8 +271,8 @@ def plot_ablation(rows: Sequence[dict], grid_keys: Sequence[str], path: str) -> 
     ax.set_xlabel(x_key)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if not numeric:
-      ax.set_xticks(range(len(x_values)), [str(v) for v in x_values])
+    if not numeric or all(isinstance(v, int) for v in x_values):  # depths: no 6.5 ticks
+      ax.set_xticks([position[v] for v in x_values], [str(v) for v in x_values])
     if others:
       ax.legend()
   fig.tight_layout()
