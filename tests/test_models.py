@@ -54,3 +54,18 @@ def test_list_models():
 def test_unknown_model_suggests_close_names():
   with pytest.raises(ValueError, match="did you mean.*resnet50"):
     registry.get_entry("resnet5O")
+
+
+def test_a_temporary_architecture_is_registered_only_inside_the_with_block():
+  base = registry.get_entry("resnet18")
+  entry = registry.ModelEntry(name="tmp_resnet18", family="test", build=base.build,
+                              pretrained={"": registry.PretrainedCfg()}, default_tag=None,
+                              converters={})
+  with registry.registered(entry) as got:
+    assert got is entry and registry.get_entry("tmp_resnet18") is entry
+    assert registry.is_registered("tmp_resnet18") and "tmp_resnet18" in registry.list_models()
+    with pytest.raises(ValueError, match="registered twice"):
+      registry.register_model(entry)
+  assert not registry.is_registered("tmp_resnet18")
+  with pytest.raises(ValueError, match="not registered"):
+    registry.unregister_model("tmp_resnet18")

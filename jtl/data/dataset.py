@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from jtl.data import decode, folder, scan, splits, tfds_source
+from jtl.data.errors import DataError
 from jtl.data.images import SplitImages, SplitTable
 
 SPLITS = ("train", "val", "test")
@@ -49,7 +50,7 @@ class Dataset:
 
   def table(self, split: str) -> SplitTable:
     if split not in self._tables:
-      raise ValueError(f"dataset {self.name} has no {split!r} split (has {list(self._tables)})")
+      raise DataError(f"dataset {self.name} has no {split!r} split (has {list(self._tables)})")
     return self._tables[split]
 
   def images(self, split: str) -> SplitImages:
@@ -78,7 +79,7 @@ def _carve_and_subset(labels: np.ndarray, num_classes: int, has_val: bool, val_f
 def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_images, report_dir,
                  max_image_pixels, scan_workers, cache_decoded, decode_min_side) -> Dataset:
   if bad_images not in scan.BAD_IMAGE_POLICIES:
-    raise ValueError(f"bad_images must be one of {scan.BAD_IMAGE_POLICIES}, got {bad_images!r}")
+    raise DataError(f"bad_images must be one of {scan.BAD_IMAGE_POLICIES}, got {bad_images!r}")
   listing = folder.list_folder(root)
   num_classes = len(listing.class_names)
   split_files = {s: (np.array([p for p, _ in f], object), np.array([l for _, l in f], np.int32))
@@ -120,8 +121,8 @@ def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_image
   counts = np.bincount(tables["train"].labels, minlength=num_classes)
   if counts.min() == 0:
     empty = listing.class_names[int(np.argmin(counts))]
-    raise ValueError(f"class {empty!r} of {root} has no usable training image left "
-                     f"(all of them were bad and skipped)")
+    raise DataError(f"class {empty!r} of {root} has no usable training image left "
+                    f"(all of them were bad and skipped)")
   native = sum(int(np.sum(t.kinds != decode.KIND_PIL)) for t in tables.values())
   log.info("opened %s: %d classes, %s; %d of %d images decoded natively by TensorFlow", root,
            num_classes, {s: len(t) for s, t in tables.items()}, native,
@@ -153,8 +154,9 @@ def open_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float 
   val_fraction: share of each class carved (seeded, stratified) out of train when the source has
     no validation split; 0 leaves it without one.
   max_train_examples: a seeded, stratified subset of train (taken after carving val).
-  bad_images (folders): "fail" raises one ValueError listing every unusable file; "skip" drops
-    them and writes report_dir/skipped_files.txt. max_image_pixels bounds width * height.
+  bad_images (folders): "fail" raises one DataError (a ValueError) listing every unusable file;
+    "skip" drops them and writes report_dir/skipped_files.txt. max_image_pixels bounds
+    width * height.
   cache_decoded: keep decoded images in memory; None decides by size (default_cache_budget_bytes).
   decode_min_side (folders): JPEGs are decoded at 1/2, 1/4 or 1/8 scale when their short side
     stays >= this; 0 decodes everything at full size.
@@ -169,4 +171,4 @@ def open_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float 
   if kind == "tfds" and target:
     return _open_tfds(target, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
                       max_train_examples=max_train_examples, cache_decoded=cache_decoded)
-  raise ValueError(f"dataset spec must be 'folder:PATH' or 'tfds:NAME', got {spec!r}")
+  raise DataError(f"dataset spec must be 'folder:PATH' or 'tfds:NAME', got {spec!r}")

@@ -26,6 +26,8 @@ import zlib
 
 import numpy as np
 
+from jtl.data.errors import DataError, DataFileExistsError, DataFileNotFoundError
+
 CLASS_NAMES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle_boot")
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
@@ -44,11 +46,11 @@ def read_idx(path: str) -> np.ndarray:
     data = f.read()
   zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
   if zero != 0 or dtype_code != 0x08:
-    raise ValueError(f"{path} is not an idx file of unsigned bytes")
+    raise DataError(f"{path} is not an idx file of unsigned bytes")
   shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
   values = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if values.size != int(np.prod(shape)):
-    raise ValueError(f"{path}: {values.size} values for declared shape {shape}")
+    raise DataError(f"{path}: {values.size} values for declared shape {shape}")
   return values.reshape(shape)
 
 
@@ -57,7 +59,7 @@ def _source_paths(source: str) -> dict[str, tuple[str, str]]:
            for split, names in SOURCE_FILES.items()}
   missing = [p for pair in paths.values() for p in pair if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(
+    raise DataFileNotFoundError(
         f"Fashion-MNIST files not found: {', '.join(missing)}. Install Debian's package with "
         f"`apt-get install -y dataset-fashion-mnist` (it puts them in {DEFAULT_SOURCE}), or pass "
         f"--source DIR holding {', '.join(n for pair in SOURCE_FILES.values() for n in pair)}.")
@@ -104,8 +106,8 @@ def convert(out: str, source: str = DEFAULT_SOURCE, num_workers: int | None = No
     log.info("%s is already complete", out)
     return out
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise FileExistsError(f"{out} exists but is not a complete demo folder (no {COMPLETE_MARKER});"
-                          f" remove it or choose another --out")
+    raise DataFileExistsError(f"{out} exists but is not a complete demo folder (no "
+                              f"{COMPLETE_MARKER}); remove it or choose another --out")
   paths = _source_paths(source)
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
@@ -115,7 +117,7 @@ def convert(out: str, source: str = DEFAULT_SOURCE, num_workers: int | None = No
     for split, (images_path, labels_path) in paths.items():
       images, labels = read_idx(images_path), read_idx(labels_path)
       if images.ndim != 3 or labels.shape != images.shape[:1] or labels.max() >= len(CLASS_NAMES):
-        raise ValueError(f"{images_path} / {labels_path} do not hold matching images and labels")
+        raise DataError(f"{images_path} / {labels_path} do not hold matching images and labels")
       _write_pngs(os.path.join(staging, split), images, labels,
                   num_workers or min(8, 2 * (os.cpu_count() or 1)))
       counts[split] = {name: int(n) for name, n in

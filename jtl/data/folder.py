@@ -15,6 +15,7 @@ import logging
 import os
 
 from jtl.data.decode import IMAGE_EXTENSIONS
+from jtl.data.errors import DataError
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
@@ -58,13 +59,13 @@ def _list_split(split_dir: str, class_names: tuple[str, ...], split: str):
   for name in _subfolders(split_dir):
     class_dir = os.path.join(split_dir, name)
     if name not in index:
-      raise ValueError(f"class folder {class_dir} of the {split} split has no counterpart among "
-                       f"the training classes {list(class_names)}")
+      raise DataError(f"class folder {class_dir} of the {split} split has no counterpart among "
+                      f"the training classes {list(class_names)}")
     paths, other = _image_files(class_dir)
     ignored += other
     if not paths:
-      raise ValueError(f"class folder {class_dir} holds no image files "
-                       f"({' '.join(IMAGE_EXTENSIONS)}, any case)")
+      raise DataError(f"class folder {class_dir} holds no image files "
+                      f"({' '.join(IMAGE_EXTENSIONS)}, any case)")
     files.extend((p, index[name]) for p in paths)
   if ignored:
     log.info("ignored %d non-image file(s) under %s", ignored, split_dir)
@@ -74,7 +75,7 @@ def _list_split(split_dir: str, class_names: tuple[str, ...], split: str):
 def list_folder(root: str) -> FolderListing:
   """Classes and files of an image folder; errors name the folder at fault."""
   if not os.path.isdir(root):
-    raise ValueError(f"image folder {root} does not exist or is not a directory")
+    raise DataError(f"image folder {root} does not exist or is not a directory")
   top = _subfolders(root)
   split_layout = any(name.lower() == "train" for name in top)
   by_split: dict[str, str] = {}  # our split name -> folder name
@@ -83,14 +84,14 @@ def list_folder(root: str) -> FolderListing:
     if split is None:
       continue
     if split in by_split:
-      raise ValueError(f"{root} has two folders for the {split} split: "
-                       f"{by_split[split]} and {name}")
+      raise DataError(f"{root} has two folders for the {split} split: "
+                      f"{by_split[split]} and {name}")
     by_split[split] = name
   train_dir = os.path.join(root, by_split["train"]) if split_layout else root
   class_names = tuple(_subfolders(train_dir))
   if len(class_names) < 2:
-    raise ValueError(f"image folder {train_dir} needs at least 2 class folders, found "
-                     f"{len(class_names)}: {list(class_names)}")
+    raise DataError(f"image folder {train_dir} needs at least 2 class folders, found "
+                    f"{len(class_names)}: {list(class_names)}")
   if split_layout:
     others = [n for n in top if n not in by_split.values()]
     if others:

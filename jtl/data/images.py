@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from jtl.data import decode
+from jtl.data.errors import DataError
 from jtl.data.tf_setup import tf
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ class SplitImages:
       expected = sizes[done:done + len(lengths)]
       if not np.array_equal(lengths, expected):
         bad = done + int(np.flatnonzero(lengths != expected)[0])
-        raise ValueError(f"{table.sources[bad]!r} decoded to a different size than the scan "
-                         f"read from its header ({table.heights[bad]}x{table.widths[bad]})")
+        raise DataError(f"{table.sources[bad]!r} decoded to a different size than the scan "
+                        f"read from its header ({table.heights[bad]}x{table.widths[bad]})")
       values = batch.flat_values.numpy()
       flat[offsets[done]:offsets[done] + len(values)] = values
       done += len(lengths)

@@ -15,6 +15,7 @@ from typing import Sequence
 from PIL import Image
 
 from jtl.data import decode
+from jtl.data.errors import DataError
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 SKIPPED_FILES_NAME = "skipped_files.txt"
@@ -55,12 +56,12 @@ def apply_bad_image_policy(bad: Sequence[tuple[str, str]], *, policy: str, root:
                            report_dir: str | None) -> None:
   """Raise one ValueError listing every bad file ("fail"), or record and log them ("skip")."""
   if policy not in BAD_IMAGE_POLICIES:
-    raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {policy!r}")
+    raise DataError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {policy!r}")
   if not bad:
     return
   if policy == "fail":
     lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
-    raise ValueError(
+    raise DataError(
         f"{len(bad)} unusable image file(s) under {root} (bad_images='fail'; fix or remove them, "
         f"or pass bad_images='skip' to train without them):\n{lines}")
   where = ""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jtl.data.errors import DataError
+
 _VAL_STREAM = 0x7A1
 _SUBSET_STREAM = 0x5B5
 
@@ -23,7 +25,7 @@ def stratified_holdout(labels: np.ndarray, num_classes: int, fraction: float,
   is both trained on and validated when the fraction is positive.
   """
   if not 0.0 <= fraction < 1.0:
-    raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    raise DataError(f"val_fraction must be in [0, 1), got {fraction}")
   rng = np.random.default_rng([seed, _VAL_STREAM])
   kept, held = [], []
   for members in _shuffled_members(labels, num_classes, rng):
@@ -42,7 +44,7 @@ def stratified_subset(labels: np.ndarray, num_classes: int, size: int, seed: int
   if size >= n:
     return np.arange(n)
   if size <= 0:
-    raise ValueError(f"max_train_examples must be positive, got {size}")
+    raise DataError(f"max_train_examples must be positive, got {size}")
   counts = np.bincount(labels, minlength=num_classes)
   quota = counts * (size / n)
   take = np.floor(quota).astype(np.int64)

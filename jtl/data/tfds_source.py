@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from jtl.data import decode
+from jtl.data.errors import DataError
 from jtl.data.images import SplitTable
 from jtl.data.tf_setup import tf
 
@@ -27,8 +28,8 @@ def _keys(info) -> tuple[str, str]:
   images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
   labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
   if len(images) != 1 or len(labels) != 1:
-    raise ValueError(f"tfds dataset {info.name}: cannot tell the image and label features apart "
-                     f"in {list(features)}")
+    raise DataError(f"tfds dataset {info.name}: cannot tell the image and label features apart "
+                    f"in {list(features)}")
   return images[0], labels[0]
 
 
@@ -71,10 +72,10 @@ def read_tfds(name: str, data_dir: str | None) -> tuple[tuple[str, ...], dict[st
     try:
       tables[SPLIT_NAMES[split]] = _read_split(builder, split, image_key, label_key, static_shape)
     except AssertionError as e:  # tfds's way of saying the data is not there
-      raise ValueError(
+      raise DataError(
           f"tfds dataset {name!r} is not prepared in data_dir={builder.data_dir!r}: build it once "
           f"where the network is reachable (`tfds build {name} --data_dir DIR`) and pass that "
           f"data_dir ({e})") from e
   if "train" not in tables:
-    raise ValueError(f"tfds dataset {name!r} has no train split (has {list(info.splits)})")
+    raise DataError(f"tfds dataset {name!r} has no train split (has {list(info.splits)})")
   return class_names, tables

@@ -4,9 +4,14 @@ A name is "arch" or "arch.tag" (resnet50, resnet50.tv_in1k). Each architecture i
 its family file with an explicit builder, its pretrained tags (where the weights live, which
 converter reads them, what preprocessing they expect) and its converters. `create_model` in
 `jtl.models.factory` turns a name into a ready `Model`.
+
+This module is a leaf, like timm's `_registry.py`: it imports no family. The families import it
+and register themselves, and `jtl/models/__init__.py` imports every family, so any import of
+`jtl.models` (or of one of its modules) fills the registry.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
@@ -73,6 +78,7 @@ _HF_ARCHS: dict[str, Callable[..., tuple[nn.Module, PretrainedCfg]]] = {}
 
 
 def register_model(entry: ModelEntry) -> ModelEntry:
+  """Adds `entry` under `entry.name`; a name registered twice is an error. Returns `entry`."""
   if entry.name in _REGISTRY:
     raise ValueError(f"model {entry.name!r} registered twice")
   if entry.default_tag is not None and entry.default_tag not in entry.pretrained:
@@ -81,28 +87,46 @@ def register_model(entry: ModelEntry) -> ModelEntry:
   return entry
 
 
+def unregister_model(name: str) -> ModelEntry:
+  """Removes architecture `name` (registered by `register_model`) and returns its entry."""
+  if name not in _REGISTRY:
+    raise ValueError(f"model {name!r} is not registered")
+  return _REGISTRY.pop(name)
+
+
+def is_registered(name: str) -> bool:
+  """Whether architecture `name` (no tag) is registered."""
+  return name in _REGISTRY
+
+
+@contextlib.contextmanager
+def registered(entry: ModelEntry):
+  """Registers `entry` for the duration of a `with` block, for tests' temporary architectures.
+
+    with registry.registered(ModelEntry(name="tiny", ...)):
+      model = jtl.create_model("tiny")
+  """
+  register_model(entry)
+  try:
+    yield entry
+  finally:
+    unregister_model(entry.name)
+
+
 def register_hf_arch(model_type: str, from_config: Callable[..., Any]) -> None:
   """Registers how to build our module from a transformers config of `model_type`."""
   _HF_ARCHS[model_type] = from_config
 
 
 def hf_arch(model_type: str):
-  _import_families()
   if model_type not in _HF_ARCHS:
     raise ValueError(f"transformers model_type {model_type!r} is not supported; "
                      f"supported: {sorted(_HF_ARCHS)}")
   return _HF_ARCHS[model_type]
 
 
-def _import_families() -> None:
-  # Registration happens when a family file is imported; importing them here keeps
-  # `jtl.models.registry` usable on its own.
-  from jtl.models import efficientnet, inception, resnet, vgg, vit  # noqa: F401
-
-
 def get_entry(name: str) -> ModelEntry:
   """The entry for "arch" or "arch.tag"; unknown names get close suggestions."""
-  _import_families()
   arch = name.split(".", 1)[0]
   if arch not in _REGISTRY:
     close = difflib.get_close_matches(arch, list(_REGISTRY), n=4, cutoff=0.5)
@@ -121,7 +145,6 @@ def list_models(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
 
   With pretrained=True, every "arch.tag" that has weights instead.
   """
-  _import_families()
   names = []
   for name, entry in sorted(_REGISTRY.items()):
     if pretrained:
@@ -132,5 +155,4 @@ def list_models(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
 
 
 def entries() -> dict[str, ModelEntry]:
-  _import_families()
   return dict(_REGISTRY)

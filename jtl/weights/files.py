@@ -10,12 +10,10 @@ import zipfile
 
 import numpy as np
 
+from jtl.weights.errors import CheckpointError  # noqa: F401  (re-exported: its old home)
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SUFFIXES = (".safetensors", ".npz") + TORCH_SUFFIXES
-
-
-class CheckpointError(ValueError):
-  """A checkpoint file that cannot be read; the message names the file and the problem."""
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -12,12 +12,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from jtl import params as P
+from jtl.weights.errors import CheckpointMismatchError  # noqa: F401  (re-exported: its old home)
 
 HEAD_PREFIX = "params/head/"
-
-
-class CheckpointMismatchError(ValueError):
-  """The checkpoint does not fit the model."""
 
 
 def merge(variables: Mapping[str, Any], converted: Mapping[str, np.ndarray], *, source: str,

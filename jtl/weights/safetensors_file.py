@@ -15,7 +15,7 @@ import os
 import ml_dtypes
 import numpy as np
 
-from jtl.weights.files import CheckpointError
+from jtl.weights.errors import CheckpointError
 
 HEADER_LENGTH_BYTES = 8
 # safetensors dtypes read through ml_dtypes rather than the package's numpy conversion.

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from jtl.weights.files import CheckpointError
+from jtl.weights.errors import CheckpointError
 
 # torch.serialization's MAGIC_NUMBER and PROTOCOL_VERSION of the legacy stream.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
