@@ -1,99 +1,229 @@
-"""Top-5 classes for photos, with ImageNet weights or a fine-tuned run.
+"""Top-k classes for photos, with ImageNet weights or a fine-tuned run.
 
   python -m jtl.predict --model efficientnet_lite0 cat.jpg dog.jpg
   python -m jtl.predict --workdir runs/demo --json shirt.png
+  python -m jtl.predict --workdir runs/demo --csv photos/ > predictions.csv
+
+Each image goes through `jtl.data.preprocess.load_eval_image`, the evaluation pipeline's own
+decoding and eval transform, so the model is served the very pixels it was evaluated on. Folders
+are searched recursively for the extensions in jtl.data.IMAGE_EXTENSIONS (any case). A mistake
+(a missing or unreadable image, an unknown model, a workdir without a finished run) prints one
+`error: ...` line and exits with status 2; --debug or JTL_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import csv
 import json
 import os
 import sys
+from typing import Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
+
+from jtl import data as data_lib  # first: configures TensorFlow before anything else uses it
+from jtl import cli_errors, export
+from jtl.data.errors import DataError, DataFileNotFoundError
+from jtl.data.preprocess import Preprocess, load_eval_image
+from jtl.models import create_model, registry
+from jtl.models.factory import HF_PREFIX
+from jtl.models.labels import imagenet_class_names
+
+DEFAULT_MODEL = "efficientnet_lite0"
+DEFAULT_BATCH_SIZE = 32
 
 
-def load_image(path: str, image_size: int, crop_pct: float, interpolation: str,
-               mean, std) -> np.ndarray:
-  """The eval transform of a pretrained_cfg, with PIL: EXIF rotation applied, short side
-  resized to image_size / crop_pct, centre crop, scaled to [0, 1] and normalised."""
-  from PIL import Image, ImageOps
-  try:
-    with Image.open(path) as im:
-      im = ImageOps.exif_transpose(im)
-      im = im.convert("RGB")
-  except (OSError, SyntaxError) as e:
-    raise ValueError(f"{path}: not a readable image ({e})") from None
-  resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
-  short = int(round(image_size / crop_pct))
-  w, h = im.size
-  scale = short / min(w, h)
-  im = im.resize((max(short, round(w * scale)), max(short, round(h * scale))), resample)
-  w, h = im.size
-  left, top = (w - image_size) // 2, (h - image_size) // 2
-  im = im.crop((left, top, left + image_size, top + image_size))
-  x = np.asarray(im, np.float32) / 255.0
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+# ---------------------------------------------------------------------------------------------
+# What to predict on, and with what.
 
+def _folder_images(root: str) -> list[str]:
+  """Image files under root, recursively and sorted; hidden files and folders are skipped, as
+  jtl.data.folder skips them when it lists a dataset."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+    found += [os.path.join(dirpath, name) for name in filenames if not name.startswith(".")
+              and os.path.splitext(name)[1].lower() in data_lib.IMAGE_EXTENSIONS]
+  return sorted(found)
+
+
+def image_paths(args: Sequence[str]) -> list[str]:
+  """Files as given and the image files of folders, in order; every missing path is named."""
+  paths, missing = [], []
+  for arg in args:
+    if os.path.isdir(arg):
+      found = _folder_images(arg)
+      if not found:
+        raise DataError(f"{arg}: folder holds no image files "
+                        f"({' '.join(data_lib.IMAGE_EXTENSIONS)}, any case)")
+      paths += found
+    elif os.path.isfile(arg):
+      paths.append(arg)
+    else:
+      missing.append(arg)
+  if missing:
+    raise DataFileNotFoundError(f"no such image file or folder: {', '.join(missing)}")
+  return paths
+
+
+def check_model_source(model: str, workdir: str | None) -> None:
+  """Fails on a model name or workdir that cannot work, before any image is read (and before
+  seconds of weight loading)."""
+  if workdir:
+    if not os.path.isdir(workdir):
+      raise export.NoFinishedRunError(f"{workdir}: no such workdir")
+    if not os.path.isfile(os.path.join(workdir, export.EXPORT_DIR, "model.json")):
+      raise export.NoFinishedRunError(f"{workdir}: no finished jtl run there (no "
+                                      f"{export.EXPORT_DIR}/model.json; training writes it last)")
+  elif not (model.startswith(HF_PREFIX) or os.path.isdir(model)):
+    registry.get_entry(model)  # raises, naming the model and close matches
+
+
+def load_model(model: str, workdir: str | None, pretrained: str | None):
+  if workdir:
+    return export.load_exported(workdir)
+  return create_model(model, pretrained=pretrained or True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction.
 
 def class_names_of(model) -> tuple[str, ...]:
   cfg = model.pretrained_cfg
   if cfg.label_names:
     return tuple(cfg.label_names)
   if cfg.num_classes == 1000:
-    from jtl.models.labels import imagenet_class_names
     return imagenet_class_names()
   return tuple(str(i) for i in range(cfg.num_classes))
 
 
-def top_k(model, paths, k: int = 5) -> list[dict]:
-  cfg = model.pretrained_cfg
+def _input_batches(paths: Sequence[str], pp: Preprocess,
+                   batch_size: int) -> Iterator[tuple[Sequence[str], np.ndarray]]:
+  """(paths, float32 [n, S, S, 3]) per batch; the next batch decodes in threads while the model
+  runs on this one (TF's and Pillow's decoders release the GIL)."""
+  chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+  try:
+    ahead = [pool.submit(load_eval_image, p, pp) for p in chunks[0]] if chunks else []
+    for i, chunk in enumerate(chunks):
+      current = ahead
+      if i + 1 < len(chunks):
+        ahead = [pool.submit(load_eval_image, p, pp) for p in chunks[i + 1]]
+      yield chunk, np.stack([f.result() for f in current])
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _probabilities(model, x: np.ndarray, batch_shape: int) -> np.ndarray:
+  """Softmax of the model on x, padded to batch_shape rows so that one compiled program serves
+  every batch, the last short one included."""
+  n = len(x)
+  if n < batch_shape:
+    x = np.concatenate([x, np.zeros((batch_shape - n,) + x.shape[1:], x.dtype)])
+  logits = np.asarray(model.predict(x), np.float32)[:n]
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  return probs / probs.sum(axis=1, keepdims=True)
+
+
+def top_k(model, paths: Sequence[str], k: int = 5, *, batch_size: int = DEFAULT_BATCH_SIZE,
+          progress: bool = False) -> list[dict]:
+  """[{"image": path, "top": [{"class", "name", "probability"}, ...]}] per path, most probable
+  first, from batches of batch_size through the model's jitted forward. progress: a tqdm bar on
+  stderr when there is more than one batch."""
+  paths = list(paths)
+  pp = Preprocess.from_pretrained_cfg(model.pretrained_cfg)
   names = class_names_of(model)
+  batch_shape = min(batch_size, len(paths))
   results = []
-  for path in paths:
-    x = load_image(path, cfg.image_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
-    logits = np.asarray(model.predict(x[None]))[0]
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    order = np.argsort(-probs)[:k]
-    results.append({"image": path, "top": [
-        {"class": int(i), "name": names[i], "probability": float(probs[i])} for i in order]})
+  with tqdm(total=len(paths), unit="image", file=sys.stderr,
+            disable=not progress or len(paths) <= batch_size) as bar:
+    for chunk, x in _input_batches(paths, pp, batch_size):
+      for path, probs in zip(chunk, _probabilities(model, x, batch_shape)):
+        order = np.argsort(-probs, kind="stable")[:k]
+        results.append({"image": path, "top": [
+            {"class": int(i), "name": names[i], "probability": float(probs[i])} for i in order]})
+      bar.update(len(chunk))
   return results
 
 
-def main(argv=None) -> int:
+# ---------------------------------------------------------------------------------------------
+# Output.
+
+CSV_COLUMNS = ("image", "rank", "class", "name", "probability")
+
+
+def write_table(results: list[dict], out) -> None:
+  """One row per (image, rank); the image is named on its first row only, for readability."""
+  width = max([len("image")] + [len(r["image"]) for r in results])
+  out.write(f"{'image':<{width}}  rank  probability  class  name\n")
+  for r in results:
+    for rank, t in enumerate(r["top"], 1):
+      image = r["image"] if rank == 1 else ""
+      out.write(f"{image:<{width}}  {rank:>4}  {t['probability']:>11.2%}  {t['class']:>5}  "
+                f"{t['name']}\n")
+
+
+def write_csv(results: list[dict], out) -> None:
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(CSV_COLUMNS)
+  for r in results:
+    for rank, t in enumerate(r["top"], 1):
+      writer.writerow([r["image"], rank, t["class"], t["name"], repr(t["probability"])])
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("images", nargs="+", help="image files")
-  parser.add_argument("--model", default="efficientnet_lite0", help="name from jtl.list_models()")
+  parser.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
+  source = parser.add_mutually_exclusive_group()
+  source.add_argument("--model", help=f"name from jtl.list_models() (default {DEFAULT_MODEL})")
+  source.add_argument("--workdir", help="a finished jtl run: use its head and class names")
   parser.add_argument("--pretrained", default=None,
-                      help="weights: a tag, a file, pypi:... or hf-hub:... (default: the model's)")
-  parser.add_argument("--workdir", help="a finished jtl run: use its head and class names")
-  parser.add_argument("--top", type=int, default=5, help="how many classes to show")
-  parser.add_argument("--json", action="store_true", help="machine-readable output")
-  args = parser.parse_args(argv)
-  missing = [p for p in args.images if not os.path.isfile(p)]
-  if missing:
-    parser.error(f"no such image file: {', '.join(missing)}")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  if args.workdir:
-    from jtl.export import load_exported
-    model = load_exported(args.workdir)
-  else:
-    from jtl.models import create_model
-    model = create_model(args.model, pretrained=args.pretrained or True)
-  try:
-    results = top_k(model, args.images, args.top)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+                      help="weights for --model: a tag, a file, pypi:... or hf-hub:... "
+                           "(default: the model's)")
+  parser.add_argument("--top-k", "--top", dest="top_k", type=int, default=5,
+                      help="how many classes to show per image")
+  parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                      help="images per forward pass")
+  output = parser.add_mutually_exclusive_group()
+  output.add_argument("--json", action="store_true",
+                      help='a list of {"image", "top": [{"class", "name", "probability"}]}')
+  output.add_argument("--csv", action="store_true", help=f"columns {', '.join(CSV_COLUMNS)}")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+  parser.add_argument("--debug", action="store_true",
+                      help="show the traceback of an error (also: env JTL_DEBUG=1)")
+  return parser
+
+
+def _run(args) -> int:
+  model_name = args.model or DEFAULT_MODEL
+  check_model_source(model_name, args.workdir)
+  paths = image_paths(args.images)
+  model = load_model(model_name, args.workdir, args.pretrained)
+  results = top_k(model, paths, args.top_k, batch_size=args.batch_size,
+                  progress=not args.no_progress)
   if args.json:
     print(json.dumps(results, indent=2))
+  elif args.csv:
+    write_csv(results, sys.stdout)
   else:
-    for r in results:
-      print(r["image"])
-      for t in r["top"]:
-        print(f"  {t['probability']:7.2%}  {t['class']:4d}  {t['name']}")
+    write_table(results, sys.stdout)
   return 0
+
+
+def main(argv=None) -> int:
+  """Returns 0; a user's mistake exits with status 2 (SystemExit, as argparse does) after one
+  `error:` line on stderr."""
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.top_k < 1 or args.batch_size < 1:
+    parser.error("--top-k and --batch-size must be at least 1")
+  with cli_errors.reported_errors(args.debug or cli_errors.debug_requested()):
+    return _run(args)
 
 
 if __name__ == "__main__":

@@ -224,15 +224,17 @@ def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
   """Undo EXIF orientation 1-8 (the same transposes as PIL.ImageOps.exif_transpose)."""
   def transpose():
     return tf.transpose(image, [1, 0, 2])
+  # 6 and 8 are tf.image.rot90's own ops (k=3, k=1) without its rank Assert, whose control edge
+  # makes Grappler log a warning whenever this runs inside a tf.function (load_eval_image).
   branches = [
       lambda: image,
       lambda: tf.reverse(image, [1]),             # 2: mirrored left-right
       lambda: tf.reverse(image, [0, 1]),          # 3: upside down
       lambda: tf.reverse(image, [0]),             # 4: mirrored top-bottom
       transpose,                                  # 5
-      lambda: tf.image.rot90(image, k=3),         # 6: stored 90 degrees anticlockwise
+      lambda: tf.reverse(transpose(), [1]),       # 6: stored 90 degrees anticlockwise
       lambda: tf.reverse(transpose(), [0, 1]),    # 7
-      lambda: tf.image.rot90(image, k=1),         # 8: stored 90 degrees clockwise
+      lambda: tf.transpose(tf.reverse(image, [1]), [1, 0, 2]),  # 8: stored 90 degrees clockwise
   ]
   index = tf.clip_by_value(tf.cast(orientation, tf.int32) - 1, 0, 7)
   return tf.switch_case(index, branches)

@@ -6,14 +6,22 @@ like the PIL-based pipelines the pretrained weights were trained with, and 4x le
 cast-subtract-divide cost ~5x more CPU than the whole resize). All randomness is stateless, drawn
 from a key (int64 [2]) derived from (seed, epoch, example), so an epoch replays exactly, whichever
 worker thread runs which example.
+
+`load_eval_image` is the same eval transform for one file outside tf.data; predict and exporters
+call it, so that what a user is served is what evaluation measured.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 from typing import Any
 
-from jtl.data import randaugment
+import numpy as np
+
+from jtl.data import decode, randaugment
+from jtl.data.errors import DataError, DataFileNotFoundError
 from jtl.data.image_ops import blend, grayscale, rotate
 from jtl.data.tf_setup import tf
 
@@ -22,6 +30,7 @@ _RESIZE_METHODS = {"bilinear": tf.image.ResizeMethod.BILINEAR,
 
 # Sub-streams of an example's key, one per random decision.
 _CROP, _FLIP, _ROTATE, _JITTER, _RANDAUGMENT = 1, 2, 3, 4, 5
+FLIP_STREAM = _FLIP  # the feature cache replays the flip draw (pipeline.hflip_decisions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +44,10 @@ class Preprocess:
 
   def __post_init__(self):
     if self.interpolation not in _RESIZE_METHODS:
-      raise ValueError(f"interpolation must be one of {sorted(_RESIZE_METHODS)}, "
-                       f"got {self.interpolation!r}")
+      raise DataError(f"interpolation must be one of {sorted(_RESIZE_METHODS)}, "
+                      f"got {self.interpolation!r}")
     if self.image_size <= 0 or not 0 < self.crop_pct <= 1.5:
-      raise ValueError(f"bad image_size {self.image_size} or crop_pct {self.crop_pct}")
+      raise DataError(f"bad image_size {self.image_size} or crop_pct {self.crop_pct}")
 
   @classmethod
   def from_pretrained_cfg(cls, cfg: Any, image_size: int | None = None) -> "Preprocess":
@@ -59,6 +68,15 @@ class Augment:
   randaugment: tuple | None = None   # (num_ops, magnitude 0-10), e.g. (2, 9)
   mixup_alpha: float = 0.0           # per batch; labels become soft
   cutmix_alpha: float = 0.0          # per batch; with mixup too, one of the two per batch
+
+  @classmethod
+  def from_config(cls, a) -> "Augment":
+    """From a config's `augment` section (see jtl/config.py)."""
+    return cls(random_resized_crop=a.random_resized_crop, scale=(a.scale_min, 1.0),
+               hflip=a.hflip, rotation_degrees=a.rotation_degrees, color_jitter=a.color_jitter,
+               randaugment=((a.randaugment_ops, a.randaugment_magnitude) if a.randaugment_ops
+                            else None),
+               mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha)
 
   @property
   def mixes(self) -> bool:
@@ -169,3 +187,59 @@ def train_pixels(image: tf.Tensor, key: tf.Tensor, pp: Preprocess, aug: Augment)
 
 def train_image(image: tf.Tensor, key: tf.Tensor, pp: Preprocess, aug: Augment) -> tf.Tensor:
   return normalize(train_pixels(image, key, pp, aug), pp)
+
+
+# ---------------------------------------------------------------------------------------------
+# One file through the eval transform, outside tf.data.
+
+@functools.lru_cache(maxsize=16)
+def _file_eval_pixels(pp: Preprocess):
+  """decode_tf + eval_pixels as one graph per Preprocess, as eval_batches runs them inside
+  tf.data; traced once, then each image costs one graph call instead of dozens of eager ops."""
+  def run(data, kind, orientation, downscale):
+    return eval_pixels(decode.decode_tf(data, kind, orientation, downscale), pp)
+  scalar = tf.TensorSpec([], tf.int32)
+  return tf.function(run, input_signature=[tf.TensorSpec([], tf.string), scalar, scalar, scalar])
+
+
+def _read_source(source) -> tuple[bytes, str]:
+  """(encoded bytes, the name errors use) of a path or of bytes already in memory."""
+  if isinstance(source, (bytes, bytearray, memoryview)):
+    return bytes(source), "<encoded image bytes>"
+  path = os.fspath(source)
+  try:
+    with open(path, "rb") as f:
+      return f.read(), path
+  except FileNotFoundError:
+    raise DataFileNotFoundError(f"{path}: no such image file") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot read file: {e.strerror or e}") from None
+
+
+def load_eval_image(source: str | os.PathLike | bytes, pp: Preprocess, *,
+                    decode_min_side: int = decode.DEFAULT_DECODE_MIN_SIDE,
+                    max_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+  """An image file (its path, or its encoded bytes) -> the model's input, float32 [S, S, 3].
+
+  Bit for bit what `eval_batches` feeds the model for that file in a "folder:" dataset opened
+  with the same decode_min_side and max_image_pixels (the defaults are open_dataset's, which
+  training uses): the scan's Pillow probe, the pipeline's decoders (EXIF orientation,
+  transparency composited on white, 16-bit scaled, CMYK, large JPEGs decoded at 1/2-1/8 scale
+  with their short side >= decode_min_side; see jtl.data.decode), then eval_pixels and normalize.
+  A tfds split decodes its records at full size: pass decode_min_side=0 to match one.
+  Raises DataError (a ValueError) naming the file when it cannot be read or is not a usable
+  image.
+  """
+  data, name = _read_source(source)
+  info = decode.probe_bytes(data, max_pixels)
+  if isinstance(info, str):
+    raise DataError(f"{name}: {info}")
+  downscale = 1
+  if info.kind == decode.KIND_JPEG:
+    downscale = decode.jpeg_downscale(info.height, info.width, decode_min_side)
+  try:
+    pixels = _file_eval_pixels(pp)(tf.constant(data), info.kind, info.orientation, downscale)
+  except tf.errors.OpError as e:
+    # Pillow accepted the file but TensorFlow's decoder did not; the pipeline would fail too.
+    raise DataError(f"{name}: TensorFlow cannot decode it: {e.message}") from None
+  return normalize(pixels, pp).numpy()
