@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 DEMO_DATA := data/fashion_mnist
 
-.PHONY: venv demo demo-data test bench clean
+.PHONY: venv demo demo-data test test-fast bench clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,12 @@ demo: demo-data
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# The unit tests alone (markers in tests/conftest.py): no training runs, no child processes.
+test-fast: venv
+	$(PY) -m pytest -q -p no:cacheprovider -m fast tests
+
 bench: venv
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	$(PY) bench/run.py
 
 clean:

@@ -11,7 +11,17 @@ from jtl.config import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return default_config()
+  c = default_config()
+  # The budget rule (jtl/budget.py), one for 140 images and for 60,000: num_epochs epochs, but
+  # never fewer than min_train_steps optimizer steps (a small folder gets enough steps to fit
+  # its head), at most max_evaluations evaluations and checkpoints over the run (a 2-step epoch
+  # is not worth one each), and early stopping on the validation split after `patience`
+  # evaluations without improvement. With the frozen prefix cached (feature extraction and
+  # partial fine-tuning without random augmentation) a step on 140 images costs milliseconds.
+  c.min_train_steps = 500
+  c.max_evaluations = 20
+  c.early_stopping.patience = 5
+  return c
 
 
 def demo_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,13 +1,14 @@
 """A grid of engine runs (freezing depth x learning rate by default), resumable, then summarised.
 
-  .venv/bin/python experiments/ablate.py --config configs/partial_ft.py --out runs/ablation \
+  jtl ablate --config configs/partial_ft.py --out runs/ablation \
       --grid freeze_depth=0,3,6,9 --grid optimizer.lr=3e-4,1e-3,3e-3 --set num_epochs=5
 
 Every grid point is one `jtl.train.train_and_evaluate` run in its own workdir under --out, named
 after its grid values (e.g. runs/ablation/freeze_depth=3_optimizer.lr=0.001). A run whose
 final_metrics.json exists is not run again, and an interrupted one resumes from its checkpoints,
 so rerunning the same command finishes the grid; a workdir that holds a run with another config
-is an error, never silently reused. At the end: summary.csv and summary.md (one row per run:
+is an error, never silently reused (the engine's same-run rule, jtl.config.same_run_differences:
+a larger budget, such as more epochs, continues the finished runs instead). At the end: summary.csv and summary.md (one row per run:
 the grid values, test accuracy and macro F1, trainable parameters, training seconds, read from
 each run's final_metrics.json) and ablation.png (test accuracy against the first grid key,
 freeze_depth when present, one line per combination of the others).
@@ -30,17 +31,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(EXPERIMENTS)
-if REPO not in sys.path:  # configs/*.py import `configs.common`; jtl from this checkout
-  sys.path.insert(0, REPO)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from jtl import config as config_lib  # noqa: E402
 
 METRICS = ("test_accuracy", "test_macro_f1", "trainable_params", "train_seconds")
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
-# Keys that change how a run is watched, not what it computes: a finished run stays valid.
-PRESENTATION_KEYS = {"progress_bar", "log_every_steps", "resume", "keep_checkpoints"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,27 +124,21 @@ def grid_points(grid: Mapping[str, Sequence]) -> list[dict]:
   return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def config_differences(workdir: str, config) -> list[str]:
-  """Keys (not presentation ones) where the run saved in `workdir` differs from `config`."""
+  """Where the run saved in `workdir` differs from `config`, by the engine's same-run rule."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    saved = _flat(json.load(f))
-  new = _flat(config_lib.to_jsonable(config))
-  return [f"{k}: saved {saved.get(k)!r}, now {new.get(k)!r}"
-          for k in sorted(set(saved) | set(new))
-          if k not in PRESENTATION_KEYS and json.dumps(saved.get(k)) != json.dumps(new.get(k))]
+    return config_lib.same_run_differences(json.load(f), config)
+
+
+def _budget_changed(workdir: str, config) -> bool:
+  """A finished point whose budget (num_epochs, ...) changed is the same run, to be continued:
+  the engine resumes it and trains on to the new budget."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  return bool(config_lib.same_run_differences(saved, config, ignore=config_lib.PRESENTATION))
 
 
 def _read_final_metrics(workdir: str) -> dict | None:
@@ -186,7 +176,7 @@ def run_grid(base_config, grid: Mapping[str, Sequence], out_dir: str,
   os.makedirs(out_dir, exist_ok=True)
   status = {}
   for index, (point, config, workdir) in enumerate(planned, start=1):
-    if _read_final_metrics(workdir) is not None:
+    if _read_final_metrics(workdir) is not None and not _budget_changed(workdir, config):
       logging.info("[%d/%d] %s: finished earlier, not run again", index, len(planned), workdir)
       status[workdir] = "done"
       continue

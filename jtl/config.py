@@ -1,7 +1,9 @@
-"""Config checks that run before any work, and the resume-compatibility rule.
+"""Every config key with its default, the checks that run before any work, and the one rule for
+"is this the same run" (used by resume and by the ablation driver).
 
 ml_collections already refuses unknown keys and type changes on the command line; this adds the
-value checks and the combinations that cannot work, each with a message naming the key.
+value checks and the combinations that cannot work, each with a message naming the key. This
+module imports no jax: a config can be checked before anything heavy loads.
 """
 from __future__ import annotations
 
@@ -10,10 +12,14 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from jtl.optim import STRATEGIES
+from jtl.errors import UserError
 
+STRATEGIES = ("feature_extraction", "partial", "full", "lp_ft")
 CHOICES = {
     "strategy": STRATEGIES,
+    "bn_mode": ("frozen_only", "eval_everywhere"),
+    "feature_cache.mode": ("auto", "off"),
+    "feature_cache.dtype": ("float32", "bfloat16"),
     "optimizer.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("constant", "warmup_cosine", "step"),
     "bad_images": ("fail", "skip"),
@@ -26,14 +32,23 @@ POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "grad_accum_steps", "
 NON_NEGATIVE = ("freeze_depth", "num_classes", "image_size", "max_train_examples",
                 "unfreeze_every_epochs", "label_smoothing", "optimizer.weight_decay",
                 "optimizer.grad_clip_norm", "early_stopping.patience", "checkpoint_every_steps",
-                "max_skipped_steps", "schedule.warmup_epochs")
-# A run may resume only when these agree with the run's saved config.
-RESUME_KEYS = ("model", "pretrained", "num_classes", "image_size", "dataset", "data_dir",
-               "val_fraction", "max_train_examples", "strategy", "freeze_depth", "trainable",
-               "batch_size", "grad_accum_steps", "seed")
+                "max_skipped_steps", "schedule.warmup_epochs", "train_steps", "min_train_steps",
+                "max_evaluations", "feature_cache.views", "probe.steps", "probe.lr")
+# The one same-run rule: a workdir's run continues (resume, or an ablation point reused) only
+# when its saved config equals the new one in every key except these: how a run is shown,
+# placed or stored, and how long it goes on (more epochs continue a run; the schedule then
+# stretches over the new budget from where the run stands).
+PRESENTATION = frozenset({
+    "progress_bar", "log_every_steps", "resume", "keep_checkpoints", "force_unlock",
+    "distributed", "coordinator_address", "num_processes", "process_id", "data_dir",
+    "feature_cache.dir", "feature_cache.mode", "eval_batch_size"})
+BUDGET = frozenset({
+    "num_epochs", "train_steps", "min_train_steps", "max_evaluations", "eval_every_epochs",
+    "early_stopping.patience", "early_stopping.min_delta", "checkpoint_every_steps"})
+MAY_CHANGE_ON_RESUME = PRESENTATION | BUDGET
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value or combination that cannot work; the message names the key."""
 
 
@@ -62,9 +77,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.val_fraction={config.val_fraction}: must be in [0, 1)")
   if not 0.0 < config.optimizer.layer_decay <= 1.0:
     raise ConfigError(f"config.optimizer.layer_decay={config.optimizer.layer_decay}: must be in (0, 1]")
-  if config.strategy != "partial" and config.freeze_depth:
+  if config.strategy not in ("partial", "lp_ft") and config.freeze_depth:
     raise ConfigError(f"config.freeze_depth={config.freeze_depth} only applies to "
-                      f"strategy='partial' (strategy is {config.strategy!r})")
+                      f"strategy='partial' or 'lp_ft' (strategy is {config.strategy!r})")
+  if config.strategy == "lp_ft" and config.unfreeze_every_epochs:
+    raise ConfigError("config.unfreeze_every_epochs does not combine with strategy='lp_ft' "
+                      "(the probe already trains the head first)")
   if not (config.dataset.startswith("folder:") or config.dataset.startswith("tfds:")):
     raise ConfigError(f"config.dataset={config.dataset!r}: must be folder:PATH or tfds:NAME")
   for rule in config.trainable:
@@ -98,12 +116,25 @@ def to_jsonable(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def resume_differences(saved: dict, config) -> list[str]:
-  """Keys whose values differ between a run's saved config and the new one."""
-  new = to_jsonable(config)
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def same_run_differences(saved: dict, config, *, ignore=MAY_CHANGE_ON_RESUME) -> list[str]:
+  """Keys (dotted) whose values differ between a run's saved config and `config`, apart from
+  `ignore` (MAY_CHANGE_ON_RESUME): empty when the new command continues the same run."""
+  old, new = _flat(saved), _flat(to_jsonable(config))
   diffs = []
-  for key in RESUME_KEYS:
-    a, b = saved.get(key), new.get(key)
+  for key in sorted(set(old) | set(new)):
+    if key in ignore:
+      continue
+    a, b = old.get(key), new.get(key)
     if json.dumps(a) != json.dumps(b):
       diffs.append(f"{key}: saved {a!r}, now {b!r}")
   return diffs
@@ -112,6 +143,13 @@ def resume_differences(saved: dict, config) -> list[str]:
 def default_config() -> ml_collections.ConfigDict:
   """Every key jtl knows, with its default; configs/*.py start from this."""
   c = ml_collections.ConfigDict()
+  for section in (_model_and_data, _what_trains, _optimisation, _evaluation_and_checkpoints,
+                  _performance_and_placement):
+    section(c)
+  return c
+
+
+def _model_and_data(c: ml_collections.ConfigDict) -> None:
   # Model and weights.
   c.model = "efficientnet_lite0"    # any name from jtl.list_models(), or hf-hub:org/name, or a dir
   c.pretrained = "default"          # "default" (the model's default weights), "none", a tag,
@@ -131,19 +169,34 @@ def default_config() -> ml_collections.ConfigDict:
   c.augment.rotation_degrees = 0.0  # random rotation in [-d, d]
   c.augment.color_jitter = 0.0      # brightness/contrast/saturation strength (0: off)
   c.augment.randaugment_ops = 0     # RandAugment: number of ops per image (0: off)
-  c.augment.randaugment_magnitude = 9  # RandAugment magnitude (0..30)
+  c.augment.randaugment_magnitude = 9  # RandAugment magnitude (0..10, clamped)
   c.augment.mixup_alpha = 0.0       # mixup Beta(alpha, alpha) (0: off)
   c.augment.cutmix_alpha = 0.0      # cutmix Beta(alpha, alpha) (0: off)
-  # What trains.
-  c.strategy = "partial"            # feature_extraction | partial | full
-  c.freeze_depth = 0                # partial: the first K named stages are frozen
+
+
+def _what_trains(c: ml_collections.ConfigDict) -> None:
+  c.strategy = "partial"            # feature_extraction | partial | full | lp_ft (probe the head
+                                    # to convergence on cached features, then fine-tune as partial)
+  c.freeze_depth = 0                # partial, lp_ft: the first K named stages are frozen
   c.trainable = ()                  # ((regex, "train"|"freeze"), ...): first match wins; overrides
                                     # strategy/freeze_depth when given
   c.unfreeze_every_epochs = 0       # gradual unfreezing: every N epochs one more stage trains (0: off)
-  # Optimisation.
+  c.bn_mode = "frozen_only"         # frozen_only: BatchNorm of every frozen layer (by any rule) runs
+                                    # in inference mode; eval_everywhere: every BatchNorm does (tiny data)
+  c.probe = ml_collections.ConfigDict()  # lp_ft's first phase: the head alone, on cached features
+  c.probe.lr = 3e-3                 # the probe's peak learning rate (same optimizer and schedule kind)
+  c.probe.steps = 0                 # probe budget in optimizer steps (0: the budget rule below)
+
+
+def _optimisation(c: ml_collections.ConfigDict) -> None:
   c.batch_size = 64                 # global batch (all devices and hosts together)
   c.eval_batch_size = 256           # global batch for evaluation
+  # The budget: train_steps optimizer steps when set; otherwise num_epochs epochs, stretched to at
+  # least min_train_steps (a small folder gets enough steps); rounded up to whole epochs. Early
+  # stopping (patience > 0) may end it sooner.
   c.num_epochs = 10                 # epochs over the training split
+  c.train_steps = 0                 # exact budget in optimizer steps (0: from num_epochs)
+  c.min_train_steps = 0             # the budget's floor in optimizer steps (0: none)
   c.grad_accum_steps = 1            # >1: accumulate gradients over this many batches
   c.label_smoothing = 0.0           # cross-entropy label smoothing
   c.optimizer = ml_collections.ConfigDict()
@@ -162,8 +215,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.schedule.end_lr_factor = 0.0    # warmup_cosine: final lr as a fraction of the peak
   c.schedule.decay_epochs = (30, 60)  # step: epochs at which the lr is multiplied by decay_factor
   c.schedule.decay_factor = 0.1     # step: multiplier at each decay epoch
-  # Evaluation, early stopping, checkpoints.
+
+
+def _evaluation_and_checkpoints(c: ml_collections.ConfigDict) -> None:
   c.eval_every_epochs = 1           # evaluate on the val split every N epochs
+  c.max_evaluations = 0             # at most this many evaluations (and checkpoints) over the run:
+                                    # a 2-step epoch is not worth an evaluation each (0: no cap)
   c.early_stopping = ml_collections.ConfigDict()
   c.early_stopping.metric = "val_accuracy"  # val_accuracy | val_loss | val_macro_f1 | val_top5
   c.early_stopping.patience = 0     # evaluations without improvement before stopping (0: off)
@@ -172,8 +229,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2            # latest checkpoints kept (the best one is kept apart)
   c.resume = "auto"                 # auto: resume when workdir has checkpoints; true: must resume
                                     # (error when there are none); false: start over
+  c.force_unlock = False            # take the workdir's lock even when held (another host's run)
   c.nonfinite_policy = "halt"       # halt: stop at a NaN/inf loss; skip: skip the step (capped)
   c.max_skipped_steps = 10          # skip policy: halt once this many steps were skipped
+
+
+def _performance_and_placement(c: ml_collections.ConfigDict) -> None:
+  # Frozen work done once: the frozen prefix's outputs are computed once per split and reused.
+  c.feature_cache = ml_collections.ConfigDict()
+  c.feature_cache.mode = "auto"     # auto: cache when the frozen prefix sees fixed inputs; off
+  c.feature_cache.views = 0         # 0: identity (+ its flip when augment.hflip) when the only
+                                    # augmentation is hflip; N: N fixed augmented views per image
+                                    # drawn once (allows random augmentation), one picked per epoch
+  c.feature_cache.dir = ""          # "" : $JTL_CACHE_DIR or ~/.cache/jtl/features
+  c.feature_cache.dtype = "float32" # float32 | bfloat16 (half the memory, rounding of the features)
   # Performance and placement.
   c.bf16 = False                    # compute in bfloat16 (params and optimizer stay float32)
   c.distributed = False             # call jax.distributed.initialize() (multi-host)
@@ -184,4 +253,3 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 10            # training metrics to TensorBoard every N steps
   c.progress_bar = True             # tqdm progress bar on host 0
   c.seed = 0                        # one seed for init, data order, augmentation and dropout
-  return c

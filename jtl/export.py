@@ -6,18 +6,23 @@ training state or Orbax.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
 
 from jtl import params as P
+from jtl.errors import UserError
+from jtl.run_record import RunRecord
 
 EXPORT_DIR = "export"
 
 
-def export_model(workdir: str, variables: dict[str, Any], info: dict[str, Any]) -> str:
+class NoFinishedRunError(UserError, FileNotFoundError):
+  """The directory holds no exported model of a finished run."""
+
+
+def export_model(workdir: str, variables: dict[str, Any], record: RunRecord) -> str:
   """Writes the variables and what is needed to rebuild the model; returns the directory."""
   from safetensors.numpy import save_file
   out = os.path.join(workdir, EXPORT_DIR)
@@ -26,9 +31,7 @@ def export_model(workdir: str, variables: dict[str, Any], info: dict[str, Any]) 
   tmp = os.path.join(out, "model.safetensors.tmp")
   save_file(flat, tmp)
   os.replace(tmp, os.path.join(out, "model.safetensors"))
-  with open(os.path.join(out, "model.json.tmp"), "w") as f:
-    json.dump(info, f, indent=2)
-  os.replace(os.path.join(out, "model.json.tmp"), os.path.join(out, "model.json"))
+  record.write(os.path.join(out, "model.json"))
   return out
 
 
@@ -40,16 +43,15 @@ def load_exported(workdir: str):
   directory = os.path.join(workdir, EXPORT_DIR)
   info_path = os.path.join(directory, "model.json")
   if not os.path.isfile(info_path):
-    raise FileNotFoundError(f"{workdir}: no {EXPORT_DIR}/model.json (is it the workdir of a "
-                            "finished jtl run?)")
-  with open(info_path) as f:
-    info = json.load(f)
-  cfg = info["pretrained_cfg"]
-  model = create_model(info["model"], num_classes=len(info["class_names"]),
+    raise NoFinishedRunError(f"{workdir}: no {EXPORT_DIR}/model.json (is it the workdir of a "
+                             "finished jtl run?)")
+  record = RunRecord.read(info_path)
+  cfg = record.pretrained_cfg
+  model = create_model(record.model, num_classes=len(record.class_names),
                        pretrained=os.path.join(directory, "model.safetensors"),
-                       image_size=cfg.get("image_size"))
+                       image_size=record.image_size)
   model.pretrained_cfg = dataclasses.replace(
-      model.pretrained_cfg, label_names=tuple(info["class_names"]),
+      model.pretrained_cfg, label_names=record.class_names,
       mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"],
       interpolation=cfg["interpolation"], image_size=cfg["image_size"])
   return model

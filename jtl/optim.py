@@ -17,7 +17,6 @@ import optax
 from jtl import params as P
 
 FROZEN = "frozen"
-STRATEGIES = ("feature_extraction", "partial", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +33,13 @@ class FreezePlan:
   def label_tree(self, params) -> Any:
     return P.unflatten({k: self.labels[k] for k in P.flatten(params)})
 
-  def frozen_stats_mask(self, batch_stats) -> Any:
-    """True for BatchNorm statistics whose layer's parameters are frozen: they keep their
-    loaded values even where the layer lies outside the frozen prefix."""
-    frozen_layers = {k.rsplit("/", 1)[0] for k, l in self.labels.items() if l == FROZEN}
-    return P.unflatten({k: k.rsplit("/", 1)[0] in frozen_layers
-                        for k in P.flatten(batch_stats)})
+  def frozen_layers(self) -> frozenset[str]:
+    """Module paths ("stage4/block0/bn1") whose every parameter is frozen."""
+    layers: dict[str, bool] = {}
+    for name, label in self.labels.items():
+      layer = name.rsplit("/", 1)[0]
+      layers[layer] = layers.get(layer, True) and label == FROZEN
+    return frozenset(layer for layer, frozen in layers.items() if frozen)
 
 
 def freeze_rules(strategy: str, stage_names: Sequence[str], freeze_depth: int,
@@ -51,8 +51,9 @@ def freeze_rules(strategy: str, stage_names: Sequence[str], freeze_depth: int,
     return [(".*", "train")]
   if strategy == "feature_extraction":
     freeze_depth = len(stage_names) - 1
-  elif strategy != "partial":
-    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+  elif strategy not in ("partial", "lp_ft"):  # lp_ft fine-tunes as partial after its probe
+    raise ValueError(f"strategy must be feature_extraction, partial, full or lp_ft, "
+                     f"got {strategy!r}")
   frozen = stage_names[:freeze_depth]
   rules = [(f"{s}/.*", "freeze") for s in frozen]
   return rules + [(".*", "train")]
@@ -88,11 +89,15 @@ def unfreeze_stages(plan: FreezePlan, extra: int) -> FreezePlan:
   return FreezePlan(labels, keep, plan.stage_names)
 
 
-def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """Learning rate per step: constant, warmup_cosine or step (decay at given epochs)."""
-  lr = config.optimizer.lr
+def make_schedule(config, steps_per_epoch: int, total_steps: int | None = None,
+                  lr: float | None = None) -> optax.Schedule:
+  """Learning rate per optimizer step: constant, warmup_cosine or step (decay at given epochs).
+
+  total_steps: the run's budget (None: num_epochs epochs); lr: the peak (None: optimizer.lr).
+  """
+  lr = config.optimizer.lr if lr is None else lr
   sched = config.schedule
-  total = max(config.num_epochs * steps_per_epoch, 1)
+  total = max(total_steps or config.num_epochs * steps_per_epoch, 1)
   warmup = int(sched.warmup_epochs * steps_per_epoch)
   if sched.name == "constant":
     base = optax.constant_schedule(lr)

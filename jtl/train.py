@@ -1,557 +1,398 @@
-"""train_and_evaluate(config, workdir): the one training loop, and its jitted steps.
+"""train_and_evaluate(config, workdir): the recipe of a run.
 
-Data parallel over every device JAX sees (a 1-D `jax.sharding.Mesh` named "data": the batch is
-split over it, the state is replicated), on one host or many (each host feeds its own shard of
-every global batch).
+Open the data and the model, decide what trains and on what (images, or the frozen prefix's
+cached outputs), build the compiled steps (jtl.steps), run the loop with its hooks (jtl.loop,
+jtl.hooks), evaluate the best checkpoint on the test split and export it. lp_ft first fits the
+head alone on cached features (the probe, in workdir/probe), then fine-tunes from it.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging
 import os
-import signal
-import time
-from typing import Any
+from typing import Any, Sequence
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtl import config as config_lib
 from jtl import data as data_lib
-from jtl import metrics as metrics_lib
-from jtl import export, optim, report
+from jtl import distributed, evaluation, export, feature_cache, hooks as hooks_lib, optim, report
 from jtl import params as P
+from jtl import steps as steps_lib
+from jtl import workdir as workdir_lib
+from jtl.budget import Budget, plan_budget
 from jtl.checkpoint import Checkpoints
+from jtl.lock import WorkdirLock
+from jtl.loop import Hook, Loop, NonFiniteLossError, Progress
 from jtl.models import create_model
+from jtl.run_record import RUN_INFO, RunRecord
+from jtl.workdir import WorkdirError
+
+__all__ = ["NonFiniteLossError", "WorkdirError", "train_and_evaluate"]
+
+log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+@dataclasses.dataclass
+class Inputs:
+  """What a run trains on, opened and checked once."""
+  config: Any
+  dataset: data_lib.Dataset
+  model: Any
+  preprocess: data_lib.Preprocess
+  mesh: Any
+  record: RunRecord
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.record.class_names
 
 
-class WorkdirError(OSError):
-  """The workdir cannot be created or written (a file in its place, permissions, disk full)."""
+def train_and_evaluate(config, workdir: str, *, extra_hooks: Sequence[Hook] = ()) -> dict:
+  """Trains per `config`, writing everything into `workdir`; returns the final metrics.
+
+  extra_hooks run after the engine's own (tests and tools observe or steer the loop there)."""
+  config_lib.validate(config)
+  if config.distributed:
+    distributed.initialize(config)
+  workdir_lib.check_same_run(config, workdir)
+  preflight(config)
+  workdir_lib.check_writable(workdir)
+  with WorkdirLock(workdir, force=config.force_unlock, run_id=distributed.shared_run_id(),
+                   process_index=jax.process_index(), process_count=jax.process_count(),
+                   barrier=lambda: distributed.sync("jtl: workdir lock taken")):
+    workdir_lib.prepare(config, workdir)
+    inputs = open_inputs(config, workdir)
+    if config.strategy == "lp_ft":
+      probe = run_probe(inputs, workdir, extra_hooks)
+      if probe.get("preempted"):
+        return probe
+    else:
+      probe = None
+    outcome = fit(inputs, workdir, extra_hooks)
+    if outcome.get("preempted"):
+      return outcome
+    final = finish(inputs, workdir, outcome)
+    if probe is not None:
+      final.update({f"probe_{k}": v for k, v in probe.items()
+                    if k in ("test_accuracy", "val_accuracy", "steps", "train_seconds")})
+      report.write_json(os.path.join(workdir, "final_metrics.json"), final)
+    return final
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
+def preflight(config) -> None:
+  """Checks that need neither data nor weights loaded: an unknown model name, a weights file
+  that does not exist. A large folder's scan takes minutes; these take milliseconds."""
+  from jtl.models import factory
+  try:
+    factory.check_spec(config.model, _pretrained_arg(config.pretrained))
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    message = e.args[0] if e.args else str(e)
+    raise config_lib.ConfigError(f"config.model={config.model!r} / config.pretrained="
+                                 f"{config.pretrained!r}: {message}") from None
 
-
-# ---------------------------------------------------------------------------------------------
-# Steps.
-
-def _cross_entropy(logits, labels, num_classes: int, label_smoothing: float):
-  if labels.ndim == 1:  # hard labels; mixup/cutmix give soft ones
-    labels = jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    labels = optax.smooth_labels(labels, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
-
-
-def train_step(state: TrainState, batch, *, module, tx, frozen_stages: int, num_classes: int,
-               label_smoothing: float, bf16: bool, skip_nonfinite: bool,
-               frozen_stats=None):
-  """One optimizer step; returns the new state and (loss, accuracy, finite)."""
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
-  images = batch["image"]
-
-  def loss_fn(params):
-    variables = {"params": params, "batch_stats": state.batch_stats}
-    x = images
-    if bf16:
-      variables = jax.tree_util.tree_map(lambda v: v.astype(jnp.bfloat16), variables)
-      x = x.astype(jnp.bfloat16)
-    logits, new_vars = module.apply(variables, x, train=True, frozen_stages=frozen_stages,
-                                    mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    loss = _cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
-    return loss, (logits, new_vars.get("batch_stats", {}))
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  batch_stats = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), batch_stats,
-                                       state.batch_stats)
-  if frozen_stats is not None:  # frozen layers outside the frozen prefix keep their statistics
-    batch_stats = jax.tree_util.tree_map(lambda keep, new, old: old if keep else new,
-                                         frozen_stats, batch_stats, state.batch_stats)
-  labels = batch["label"] if batch["label"].ndim == 1 else jnp.argmax(batch["label"], -1)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-  finite = jnp.isfinite(loss)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
-  if skip_nonfinite:  # keep the old state (but count the step) when the loss is not finite
-    new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state,
-                                       state.replace(step=state.step + 1))
-  return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite}
-
-
-def eval_step(params, batch_stats, batch, *, module, num_classes: int):
-  """Per-example loss, prediction and top-5 hit (padding masked out on the host)."""
-  logits = module.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                        train=False).astype(jnp.float32)
-  loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], num_classes))
-  k = min(5, num_classes)
-  top5 = jnp.any(jax.lax.top_k(logits, k)[1] == batch["label"][:, None], axis=-1)
-  return {"loss": loss, "pred": jnp.argmax(logits, -1), "label": batch["label"], "top5": top5,
-          "mask": batch["mask"]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Set-up helpers.
 
 def _pretrained_arg(value: str):
   return {"default": True, "none": None, "": None}.get(value, value)
 
 
-def _mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def _global_batch(local: dict, sharding: NamedSharding) -> dict:
-  """This host's part of a batch -> one global array per key, split over the mesh."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
-
-
-def _replicate(tree, sharding: NamedSharding):
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
-
-
-@dataclasses.dataclass
-class _Phase:
-  """What is compiled for one freeze plan (gradual unfreezing changes it between epochs)."""
-  plan: optim.FreezePlan
-  tx: optax.GradientTransformation
-  step_fn: Any
-
-
-class _Preemption:
-  """SIGTERM asks the loop to save and exit at a step boundary, the same one on every host.
-
-  One host: a Python handler sets a flag. Several hosts: each may get its SIGTERM at another
-  step, and one host saving (a collective) while another trains (another collective) hangs
-  both; so JAX's preemption service (started by jax.distributed.initialize) catches SIGTERM,
-  tells every host, and names the step at which all of them stop.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    self._across_hosts = False
-
-  def __enter__(self):
-    if jax.process_count() > 1 and jax.config.jax_enable_preemption_service:
-      self._across_hosts = True
-      return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM: saving a checkpoint and stopping")
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    """Whether to save and stop after `step`; called once for every step, on every host."""
-    if self._across_hosts:
-      from jax.experimental import multihost_utils
-      if multihost_utils.reached_preemption_sync_point(step):
-        logging.warning("preemption notice: every host saves step %d and stops", step)
-        self.requested = True
-    return self.requested
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-def _improved(metric: str, value: float, best: float | None, min_delta: float) -> bool:
-  if best is None:
-    return np.isfinite(value)
-  if metric == "val_loss":
-    return value < best - min_delta
-  return value > best + min_delta
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop.
-
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains per `config`, writing everything into `workdir`; returns the final metrics."""
-  config_lib.validate(config)
-  if config.distributed:
-    _initialize_distributed(config)
-  is_host0 = jax.process_index() == 0
-  _check_writable(workdir)
-  _check_resumable(config, workdir)
-
+def open_inputs(config, workdir: str) -> Inputs:
+  """The dataset (scanned), the model (loaded) and the run record, written to the workdir."""
   dataset = data_lib.open_dataset(
       config.dataset, data_dir=config.data_dir or None, val_fraction=config.val_fraction,
       seed=config.seed, max_train_examples=config.max_train_examples or None,
       bad_images=config.bad_images, report_dir=workdir)
   class_names = tuple(dataset.class_names)
   config_lib.validate_for_data(config, class_names)
-  num_classes = len(class_names)
-
-  model = create_model(config.model, num_classes=num_classes,
+  model = create_model(config.model, num_classes=len(class_names),
                        pretrained=_pretrained_arg(config.pretrained),
                        image_size=config.image_size or None, seed=config.seed)
   config_lib.validate_for_model(config, model.stage_names)
-  cfg = model.pretrained_cfg
-  image_size = config.image_size or cfg.image_size
-  preprocess = data_lib.Preprocess(image_size=image_size, crop_pct=cfg.crop_pct,
-                                   interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
-  augment = _augment_from_config(config.augment)
-
-  run_info = {"class_names": list(class_names), "model": config.model,
-              "pretrained_cfg": {**cfg.to_dict(), "label_names": list(class_names),
-                                 "image_size": image_size},
-              "stage_names": list(model.stage_names)}
-  if is_host0:
+  preprocess = data_lib.Preprocess.from_pretrained_cfg(model.pretrained_cfg,
+                                                       config.image_size or None)
+  mesh = distributed.make_mesh()
+  _check_batch_sizes(config, dataset)
+  record = RunRecord.of_run(config.model, model, class_names, preprocess.image_size,
+                            config.strategy)
+  if distributed.is_host0():
     report.write_json(os.path.join(workdir, "config.json"), config_lib.to_jsonable(config))
-    report.write_json(os.path.join(workdir, "run_info.json"), run_info)
+    record.write(os.path.join(workdir, RUN_INFO))
+  return Inputs(config, dataset, model, preprocess, mesh, record)
 
-  mesh = _mesh()
-  replicated = NamedSharding(mesh, PartitionSpec())
-  data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  num_devices = jax.device_count()
+
+def _check_batch_sizes(config, dataset) -> None:
+  devices, hosts = jax.device_count(), jax.process_count()
   for key in ("batch_size", "eval_batch_size"):
-    if config[key] % num_devices or config[key] % jax.process_count():
+    if config[key] % devices or config[key] % hosts:
       raise config_lib.ConfigError(f"config.{key}={config[key]} must be divisible by the "
-                                   f"{num_devices} devices ({jax.process_count()} hosts)")
-  local_batch = config.batch_size // jax.process_count()
-  steps_per_epoch = data_lib.steps_per_epoch(dataset, config.batch_size)
-  if steps_per_epoch == 0:
+                                   f"{devices} devices ({hosts} hosts)")
+  if dataset.num_examples("train") < config.batch_size:
     raise config_lib.ConfigError(
         f"config.batch_size={config.batch_size} is larger than the training split "
         f"({dataset.num_examples('train')} examples)")
-  optimizer_steps_per_epoch = max(steps_per_epoch // config.grad_accum_steps, 1)
-  schedule = optim.make_schedule(config, optimizer_steps_per_epoch)
 
-  params = model.variables["params"]
-  batch_stats = model.variables.get("batch_stats", {})
+
+# ---------------------------------------------------------------------------------------------
+# What trains, on what.
+
+@dataclasses.dataclass
+class Training:
+  """The freeze plan, the batches (images or cached features) and the steps built for them."""
+  plan: optim.FreezePlan
+  budget: Budget
+  schedule: Any
+  train_batches: Any          # (epoch=, start_step=) -> this host's batches
+  eval_batches: Any           # split -> this host's evaluation batches
+  start_stage: int            # 0 on images; K on the cached outputs of the first K stages
+  eval_fn: Any
+  steps: dict[int, steps_lib.TrainStep] = dataclasses.field(default_factory=dict)
+
+  def plan_for_epoch(self, config, epoch: int) -> optim.FreezePlan:
+    if config.unfreeze_every_epochs:
+      return optim.unfreeze_stages(self.plan, epoch // config.unfreeze_every_epochs)
+    return self.plan
+
+
+def plan_training(inputs: Inputs, config, *, train_steps: int | None = None) -> Training:
+  model, dataset, mesh = inputs.model, inputs.dataset, inputs.mesh
   rules = optim.freeze_rules(config.strategy, model.stage_names, config.freeze_depth,
                              config.trainable)
-  base_plan = optim.make_freeze_plan(params, model.stage_names, rules)
+  plan = optim.make_freeze_plan(model.variables["params"], model.stage_names, rules)
+  budget = plan_budget(config, data_lib.steps_per_epoch(dataset, config.batch_size),
+                       train_steps=train_steps)
+  lr = config.optimizer.lr
+  schedule = optim.make_schedule(config, budget.optimizer_steps_per_epoch, budget.total_steps,
+                                 lr)
+  sources, start_stage = _batch_sources(inputs, config, plan)
+  eval_fn = steps_lib.make_eval_step(model, mesh, num_classes=len(inputs.class_names),
+                                     start_stage=start_stage)
+  return Training(plan, budget, schedule, sources[0], sources[1], start_stage, eval_fn)
 
-  def phase_for_epoch(epoch: int) -> _Phase:
-    plan = base_plan
-    if config.unfreeze_every_epochs:
-      plan = optim.unfreeze_stages(base_plan, epoch // config.unfreeze_every_epochs)
-    tx = optim.make_optimizer(config, plan, params, schedule)
-    step = functools.partial(
-        train_step, module=model.module, tx=tx, frozen_stages=plan.frozen_stages,
-        num_classes=num_classes, label_smoothing=config.label_smoothing, bf16=config.bf16,
-        skip_nonfinite=config.nonfinite_policy == "skip",
-        frozen_stats=plan.frozen_stats_mask(batch_stats))
-    step_fn = jax.jit(step, in_shardings=(replicated, data_sharding),
-                      out_shardings=(replicated, replicated), donate_argnums=0)
-    return _Phase(plan, tx, step_fn)
 
-  phase = phase_for_epoch(0)
-  state = TrainState(step=np.int32(0), params=params, batch_stats=batch_stats,
-                     opt_state=phase.tx.init(params),
-                     rng=np.asarray(jax.random.key_data(jax.random.PRNGKey(config.seed))))
-  state = _replicate(state, replicated)
-  eval_fn = jax.jit(functools.partial(eval_step, module=model.module, num_classes=num_classes),
-                    in_shardings=(replicated, replicated, data_sharding),
-                    out_shardings=replicated)
+def _batch_sources(inputs: Inputs, config, plan: optim.FreezePlan):
+  """((train, eval) batch functions, start stage): cached features when the cache applies."""
+  local = config.batch_size // jax.process_count()
+  local_eval = config.eval_batch_size // jax.process_count()
+  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  cache_plan, why = feature_cache.plan_cache(config, plan.frozen_stages)
+  if cache_plan is None:
+    log.info("feature cache not used: %s", why)
+    augment = data_lib.Augment.from_config(config.augment)
 
+    def train(epoch, start_step):
+      return data_lib.train_batches(
+          inputs.dataset, batch_size=local, preprocess=inputs.preprocess, augment=augment,
+          seed=config.seed, epoch=epoch, start_step=start_step,
+          num_classes=len(inputs.class_names), **shard)
+
+    def evaluate(split):
+      return data_lib.eval_batches(inputs.dataset, split, batch_size=local_eval,
+                                   preprocess=inputs.preprocess, **shard)
+    return (train, evaluate), 0
+  log.info("feature cache: %s", why)
+  cache = feature_cache.open_cache(config, inputs.model, inputs.dataset, inputs.preprocess,
+                                   cache_plan, inputs.mesh)
+  cached = feature_cache.CachedBatches(cache, seed=config.seed)
+  return ((lambda epoch, start_step: cached.train_epoch(
+              batch_size=local, epoch=epoch, start_step=start_step, **shard)),
+          (lambda split: cached.eval_split(split, batch_size=local_eval, **shard))), \
+      cache_plan.stop_stage
+
+
+class StepsByEpoch:
+  """The compiled step of each epoch: gradual unfreezing changes the plan between epochs (one
+  step compiled per plan), and the optimizer state of stages already training is carried."""
+
+  def __init__(self, inputs: Inputs, config, training: Training):
+    self.inputs, self.config, self.training = inputs, config, training
+    self._frozen: int | None = None  # the frozen prefix of the step last handed out
+
+  def step_of(self, epoch: int) -> steps_lib.TrainStep:
+    plan = self.training.plan_for_epoch(self.config, epoch)
+    if plan.frozen_stages not in self.training.steps:
+      self.training.steps[plan.frozen_stages] = steps_lib.make_train_step(
+          self.inputs.model, plan, self.config, self.inputs.mesh,
+          schedule=self.training.schedule, num_classes=len(self.inputs.class_names),
+          start_stage=self.training.start_stage)
+    return self.training.steps[plan.frozen_stages]
+
+  def __call__(self, epoch: int, state):
+    """(the step of `epoch`, the state with its optimizer state fitted to that step)."""
+    step = self.step_of(epoch)
+    frozen = self.training.plan_for_epoch(self.config, epoch).frozen_stages
+    if self._frozen is not None and self._frozen != frozen:
+      log.info("epoch %d: unfreezing, %d stages frozen now", epoch, frozen)
+      opt_state = optim.carry_opt_state(state.opt_state, step.tx.init(state.params))
+      state = state.replace(opt_state=distributed.replicate(opt_state, self.inputs.mesh))
+    self._frozen = frozen
+    return step, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, resuming, finishing.
+
+def fit(inputs: Inputs, workdir: str, extra_hooks: Sequence[Hook] = (), *, config=None,
+        train_steps: int | None = None) -> dict:
+  """Runs the loop to the end of the budget (or an early stop, or SIGTERM) in `workdir`."""
+  config = config or inputs.config
+  training = plan_training(inputs, config, train_steps=train_steps)
+  step_for_epoch = StepsByEpoch(inputs, config, training)
+  model = inputs.model
+  first = step_for_epoch.step_of(0)
+  state = first.init_state(model.variables["params"], model.variables.get("batch_stats", {}),
+                           config.seed)
   checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
-  run_log = report.RunLog(workdir, enabled=is_host0)
+  run_log = report.RunLog(workdir, enabled=distributed.is_host0())
   failed = False
   try:
-    meta = {"epoch": 0, "step_in_epoch": 0, "best": None, "best_step": None, "bad_evals": 0,
-            "skipped_steps": 0, "train_seconds": 0.0, "finished": False}
-    latest = checkpoints.latest_step()
-    if latest is not None:
-      state, meta = _restore(checkpoints, state, phase_for_epoch, replicated)
-      checkpoints.discard_best_after(latest)
-      phase = phase_for_epoch(meta["epoch"])
-      run_log.truncate_after(latest)
-      logging.info("resumed from step %d (epoch %d, step %d in it)", latest, meta["epoch"],
-                   meta["step_in_epoch"])
-    trainable = P.count({k: v for k, v in P.flatten(params).items()
-                         if phase.plan.labels[k] != optim.FROZEN})
-    logging.info("%s: %d classes, %d of %d parameters trainable, %d frozen stages, "
-                 "%d steps per epoch", config.model, num_classes, trainable, P.count(params),
-                 phase.plan.frozen_stages, steps_per_epoch)
-
-    stop_early = meta["finished"]
-    with _Preemption() as preemption:
-      train_start = time.perf_counter() - meta["train_seconds"]
-      while meta["epoch"] < config.num_epochs and not stop_early:
-        epoch = meta["epoch"]
-        new_phase = phase_for_epoch(epoch)
-        if new_phase.plan.frozen_stages != phase.plan.frozen_stages:
-          logging.info("epoch %d: unfreezing, %d stages frozen now", epoch,
-                       new_phase.plan.frozen_stages)
-          opt_state = optim.carry_opt_state(state.opt_state, new_phase.tx.init(state.params))
-          state = state.replace(opt_state=_replicate(opt_state, replicated))
-        phase = new_phase
-        state, epoch_stats, interrupted = _train_epoch(
-            config, state, phase, dataset, meta, preprocess, augment, local_batch,
-            steps_per_epoch, data_sharding, schedule, run_log, preemption, checkpoints,
-            num_classes, train_start)
-        if interrupted:
-          logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume",
-                          int(state.step))
-          return {"preempted": True, "step": int(state.step)}
-        meta["epoch"], meta["step_in_epoch"] = epoch + 1, 0
-        meta["train_seconds"] = time.perf_counter() - train_start
-        step = int(state.step)
-        lr = float(schedule(step // config.grad_accum_steps))
-        run_log.record({"step": step, "epoch": epoch + 1, "split": "train",
-                        "learning_rate": lr, **epoch_stats})
-        is_best = False
-        if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-          split = "val" if dataset.has_split("val") else "test"
-          result = _evaluate(eval_fn, state, dataset, split, config, preprocess, class_names,
-                             data_sharding)
-          run_log.record({"step": step, "epoch": epoch + 1, "split": "val",
-                          "loss": result["loss"], "accuracy": result["accuracy"],
-                          "top5": result["top5"], "macro_f1": result["macro_f1"],
-                          "learning_rate": lr})
-          metric = config.early_stopping.metric
-          value = result[metric[len("val_"):]]
-          # A model whose validation loss is not finite has diverged, whatever its accuracy.
-          if (np.isfinite(result["loss"])
-              and _improved(metric, value, meta["best"], config.early_stopping.min_delta)):
-            meta.update(best=value, best_step=step, bad_evals=0)
-            is_best = True
-          else:
-            meta["bad_evals"] += 1
-            if config.early_stopping.patience and meta["bad_evals"] >= config.early_stopping.patience:
-              logging.info("early stopping: %s did not improve for %d evaluations", metric,
-                           meta["bad_evals"])
-              stop_early = True
-        meta["finished"] = stop_early or meta["epoch"] >= config.num_epochs
-        checkpoints.save(step, state, meta, best=is_best)
-    checkpoints.wait()
-    train_seconds = meta["train_seconds"]
-
-    final, best_state = _final_evaluation(config, workdir, checkpoints, state, eval_fn, dataset,
-                                         preprocess, class_names, data_sharding, replicated)
-    final.update(trainable_params=int(trainable), total_params=int(P.count(params)),
-                 train_seconds=round(train_seconds, 2), steps=int(state.step),
-                 best_step=meta["best_step"], skipped_steps=meta["skipped_steps"])
-    if is_host0:
-      variables = {"params": jax.device_get(best_state.params)}
-      if best_state.batch_stats:
-        variables["batch_stats"] = jax.device_get(best_state.batch_stats)
-      export.export_model(workdir, variables, run_info)
-      report.write_json(os.path.join(workdir, "final_metrics.json"), final)
-      records = run_log.records()
-      report.plot_curves(records, os.path.join(workdir, "curves.png"))
-      report.plot_confusion_matrix(final["confusion_matrix"], class_names,
-                                   os.path.join(workdir, "confusion_matrix.png"))
-    return final
+    state, progress = _resume(checkpoints, state, step_for_epoch, run_log, inputs.mesh)
+    _log_plan(inputs, config, training)
+    with hooks_lib.Preemption() as preemption:
+      loop = _make_loop(inputs, config, training, step_for_epoch, progress, run_log,
+                        checkpoints, [preemption, *extra_hooks])
+      state = loop.run(state)
+    if loop.interrupted:
+      return {"preempted": True, "step": int(loop.step)}
+    return {"state": state, "progress": progress, "training": training,
+            "checkpoints": checkpoints, "run_log": run_log}
   except BaseException:
     failed = True
     raise
   finally:
     # Also on a crash: let an in-flight asynchronous save finish rather than leave it half done
     # (and report its own failure only when it is the first thing to go wrong).
-    checkpoints.close(raise_errors=not failed)
+    if failed or loop.interrupted:  # otherwise `finish` closes them after the final evaluation
+      checkpoints.close(raise_errors=not failed)
+      run_log.close()
+
+
+def _make_loop(inputs, config, training, step_for_epoch, progress, run_log, checkpoints,
+               extra_hooks) -> Loop:
+  budget = training.budget
+  scalars = hooks_lib.ScalarLog(run_log, training.schedule, every_steps=config.log_every_steps,
+                                grad_accum_steps=config.grad_accum_steps)
+  split = "val" if inputs.dataset.has_split("val") else "test"
+  evaluate = hooks_lib.Evaluation(
+      lambda state: evaluation.evaluate(training.eval_fn, state, training.eval_batches(split),
+                                        inputs.mesh, inputs.class_names),
+      run_log, scalars.learning_rate, metric=config.early_stopping.metric,
+      patience=config.early_stopping.patience, min_delta=config.early_stopping.min_delta)
+  saving = hooks_lib.Checkpointing(checkpoints, every_steps=config.checkpoint_every_steps)
+  hooks = [scalars, evaluate, saving]
+  if config.progress_bar and distributed.is_host0():
+    hooks.insert(0, hooks_lib.ProgressBar(budget.steps_per_epoch, config.batch_size))
+  loop = Loop(step_for_epoch=step_for_epoch, batches=training.train_batches, budget=budget,
+              progress=progress, hooks=[*hooks, *extra_hooks], mesh=inputs.mesh,
+              nonfinite_policy=config.nonfinite_policy,
+              max_skipped_steps=config.max_skipped_steps)
+  saving.attach(loop)
+  return loop
+
+
+def _resume(checkpoints, state, step_for_epoch, run_log, mesh):
+  """(state, progress): from the newest intact checkpoint when there is one, else the fresh
+  ones. Damaged checkpoints are named, moved aside and stepped over (jtl.checkpoint)."""
+  if checkpoints.latest_step() is None:
+    return state, Progress()
+
+  def template(meta):
+    # The optimizer state's structure depends on the plan of the checkpoint's epoch (gradual
+    # unfreezing), so each candidate is restored against its own epoch's tree.
+    step = step_for_epoch.step_of(Progress.from_json(meta).epoch)
+    return state.replace(opt_state=step.tx.init(state.params))
+
+  restored = checkpoints.load(template)
+  progress = Progress.from_json(restored.meta)
+  checkpoints.discard_best_after(restored.step)
+  run_log.truncate_after(restored.step)
+  log.info("resumed from step %d (epoch %d, step %d in it)", restored.step, progress.epoch,
+           progress.step_in_epoch)
+  return distributed.replicate(restored.state, mesh), progress
+
+
+def _log_plan(inputs, config, training) -> None:
+  params = inputs.model.variables["params"]
+  trainable = count_trainable(params, training.plan)
+  b = training.budget
+  log.info("%s: %d classes, %d of %d parameters trainable, %d frozen stages; %d epochs of %d "
+           "steps (%d optimizer steps), evaluating every %d epochs", config.model,
+           len(inputs.class_names), trainable, P.count(params), training.plan.frozen_stages,
+           b.num_epochs, b.steps_per_epoch, b.total_steps, b.eval_every_epochs)
+
+
+def count_trainable(params, plan) -> int:
+  return P.count({k: v for k, v in P.flatten(params).items() if plan.labels[k] != optim.FROZEN})
+
+
+def finish(inputs: Inputs, workdir: str, outcome: dict) -> dict:
+  """The best checkpoint on the test split (val without one), the export and the pictures."""
+  checkpoints, run_log, training = outcome["checkpoints"], outcome["run_log"], outcome["training"]
+  progress, state = outcome["progress"], outcome["state"]
+  steps_trained = int(state.step)
+  try:
+    checkpoints.wait()
+    best = checkpoints.restore(state, which="best")
+    if best is not None:
+      state = distributed.replicate(best[0], inputs.mesh)
+    split = "test" if inputs.dataset.has_split("test") else "val"
+    result = evaluation.evaluate(training.eval_fn, state, training.eval_batches(split),
+                                 inputs.mesh, inputs.class_names)
+    final = evaluation.final_metrics(result, split)
+    params = inputs.model.variables["params"]
+    final.update(trainable_params=count_trainable(params, training.plan),
+                 total_params=int(P.count(params)), train_seconds=round(progress.train_seconds, 2),
+                 steps=steps_trained, best_step=progress.best_step,
+                 skipped_steps=progress.skipped_steps,
+                 feature_cache=training.start_stage > 0)
+    if distributed.is_host0():
+      _write_outputs(inputs, workdir, state, final, run_log)
+    return final
+  finally:
+    checkpoints.close()
     run_log.close()
 
 
-def _train_epoch(config, state, phase, dataset, meta, preprocess, augment, local_batch,
-                 steps_per_epoch, data_sharding, schedule, run_log, preemption, checkpoints,
-                 num_classes, train_start):
-  """Runs the rest of one epoch; returns (state, epoch stats, interrupted)."""
-  epoch, start = meta["epoch"], meta["step_in_epoch"]
-  batches = data_lib.train_batches(
-      dataset, batch_size=local_batch, preprocess=preprocess, augment=augment,
-      seed=config.seed, epoch=epoch, start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_classes=num_classes)
-  progress = None
-  if config.progress_bar and jax.process_index() == 0:
-    from tqdm.auto import tqdm
-    progress = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}",
-                    unit="step", leave=False, dynamic_ncols=True)
-  if start == 0:  # running sums of the epoch, kept in meta so a resumed epoch logs the same
-    meta.update(epoch_loss_sum=0.0, epoch_accuracy_sum=0.0, epoch_steps=0)
-  pending = None  # metrics of the previous step, read one step late so the device never waits
-  last_time, images_seen = time.perf_counter(), 0
-
-  def consume(step_metrics, step_index):
-    nonlocal last_time, images_seen
-    loss = float(step_metrics["loss"])
-    if not bool(step_metrics["finite"]):
-      meta["skipped_steps"] += 1
-      if (config.nonfinite_policy == "halt"
-          or meta["skipped_steps"] > config.max_skipped_steps):
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss}) at step {step_index}; the last good checkpoint "
-            f"(step {checkpoints.latest_step()}) is kept")
-      logging.warning("non-finite loss at step %d skipped (%d so far)", step_index,
-                      meta["skipped_steps"])
-      return
-    meta["epoch_loss_sum"] += loss
-    meta["epoch_accuracy_sum"] += float(step_metrics["accuracy"])
-    meta["epoch_steps"] += 1
-    if step_index % config.log_every_steps == 0:
-      run_log.scalars(step_index, {"train/loss": loss,
-                                   "train/learning_rate": float(schedule(step_index))})
-    if progress is not None:
-      now = time.perf_counter()
-      images_seen += config.batch_size
-      if now - last_time > 1.0:
-        progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_seen / (now - last_time):.0f}")
-        last_time, images_seen = now, 0
-      progress.update(1)
-
-  state_step = int(state.step)
-  for index, local in enumerate(batches, start=start):
-    batch = _global_batch(local, data_sharding)
-    state, step_metrics = phase.step_fn(state, batch)
-    state_step += 1
-    if pending is not None:
-      consume(*pending)
-    pending = (step_metrics, state_step)
-    meta["step_in_epoch"] = index + 1
-    if preemption.reached(state_step):
-      consume(*pending)
-      meta["train_seconds"] = time.perf_counter() - train_start
-      checkpoints.save(state_step, state, meta)
-      return state, {}, True
-    if (config.checkpoint_every_steps and state_step % config.checkpoint_every_steps == 0
-        and meta["step_in_epoch"] < steps_per_epoch):
-      consume(*pending)
-      pending = None
-      meta["train_seconds"] = time.perf_counter() - train_start
-      checkpoints.save(state_step, state, meta)
-  if pending is not None:
-    consume(*pending)
-  if progress is not None:
-    progress.close()
-  n = meta["epoch_steps"]
-  stats = {"loss": meta["epoch_loss_sum"] / n if n else float("nan"),
-           "accuracy": meta["epoch_accuracy_sum"] / n if n else float("nan")}
-  return state, stats, False
+def _write_outputs(inputs, workdir, state, final, run_log) -> None:
+  variables = {"params": jax.device_get(state.params)}
+  if state.batch_stats:
+    variables["batch_stats"] = jax.device_get(state.batch_stats)
+  export.export_model(workdir, variables, inputs.record)
+  report.write_json(os.path.join(workdir, "final_metrics.json"), final)
+  report.plot_curves(run_log.records(), os.path.join(workdir, "curves.png"))
+  report.plot_confusion_matrix(final["confusion_matrix"], inputs.class_names,
+                               os.path.join(workdir, "confusion_matrix.png"))
 
 
-def _evaluate(eval_fn, state, dataset, split, config, preprocess, class_names, data_sharding):
-  outputs = {k: [] for k in ("loss", "pred", "label", "top5")}
-  for local in data_lib.eval_batches(dataset, split, batch_size=config.eval_batch_size
-                                     // jax.process_count(), preprocess=preprocess,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
-    out = jax.device_get(eval_fn(state.params, state.batch_stats,
-                                 _global_batch(local, data_sharding)))
-    mask = np.asarray(out["mask"], bool)
-    for k in outputs:
-      outputs[k].append(np.asarray(out[k])[mask])
-  arrays = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in outputs.items()}
-  return metrics_lib.classification_report(arrays["label"], arrays["pred"], arrays["top5"],
-                                           arrays["loss"], class_names)
+# ---------------------------------------------------------------------------------------------
+# lp_ft: the probe.
+
+def run_probe(inputs: Inputs, workdir: str, extra_hooks: Sequence[Hook] = ()) -> dict:
+  """Fits the head alone (feature extraction on cached features, its own budget, early
+  stopping) in workdir/probe, then puts the probe's best head into the model."""
+  config = inputs.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.strategy, config.freeze_depth, config.trainable = "feature_extraction", 0, ()
+    config.optimizer.lr = inputs.config.probe.lr
+    config.optimizer.layer_decay = 1.0
+  probe_dir = os.path.join(workdir, "probe")
+  workdir_lib.check_writable(probe_dir)
+  outcome = fit(inputs, probe_dir, extra_hooks, config=config,
+                train_steps=inputs.config.probe.steps or None)
+  if outcome.get("preempted"):
+    return outcome
+  final = finish(inputs, probe_dir, outcome)
+  head = _best_head(probe_dir)
+  inputs.model.variables["params"]["head"] = head
+  log.info("probe: the head alone reached %.4f on %s; fine-tuning from it",
+           final["test_accuracy"], final["split"])
+  return {"test_accuracy": final["test_accuracy"], "steps": final["steps"],
+          "train_seconds": final["train_seconds"],
+          "val_accuracy": outcome["progress"].best}
 
 
-def _final_evaluation(config, workdir, checkpoints, state, eval_fn, dataset, preprocess,
-                      class_names, data_sharding, replicated) -> dict:
-  """The best checkpoint on the test split (val when there is no test split)."""
-  best = checkpoints.restore(state, which="best")
-  if best is not None:
-    state = _replicate(best[0], replicated)
-  split = "test" if dataset.has_split("test") else "val"
-  result = _evaluate(eval_fn, state, dataset, split, config, preprocess, class_names,
-                     data_sharding)
-  final = {"split": split}
-  for key in ("accuracy", "top5", "loss", "macro_precision", "macro_recall", "macro_f1"):
-    final[f"test_{key}"] = result[key]
-  final["per_class"] = result["per_class"]
-  final["confusion_matrix"] = result["confusion_matrix"]
-  final["num_test_examples"] = result["num_examples"]
-  return final, state
-
-
-def _restore(checkpoints, state, phase_for_epoch, replicated):
-  # The optimizer state's structure depends on the phase (gradual unfreezing), so restore the
-  # meta first to know the epoch, then the state against the right abstract tree.
-  meta_only = checkpoints.latest_meta()
-  phase = phase_for_epoch(meta_only["epoch"])
-  template = state.replace(opt_state=phase.tx.init(state.params))
-  restored, meta = checkpoints.restore(template)
-  return _replicate(restored, replicated), meta
-
-
-def _augment_from_config(a) -> "data_lib.Augment":
-  return data_lib.Augment(
-      random_resized_crop=a.random_resized_crop, scale=(a.scale_min, 1.0), hflip=a.hflip,
-      rotation_degrees=a.rotation_degrees, color_jitter=a.color_jitter,
-      randaugment=(a.randaugment_ops, a.randaugment_magnitude) if a.randaugment_ops else None,
-      mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha)
-
-
-def _initialize_distributed(config) -> None:
-  """Joins the other processes of a multi-host run (TPU VM pods, multi-GPU nodes, CPU tests)."""
-  kwargs = {}
-  if config.coordinator_address:
-    kwargs["coordinator_address"] = config.coordinator_address
-  if config.num_processes:
-    kwargs["num_processes"] = config.num_processes
-  if config.process_id >= 0:
-    kwargs["process_id"] = config.process_id
-  # CPU processes exchange gradients through gloo (the CPU backend has no collectives of its
-  # own); the setting does not affect GPU or TPU devices.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**kwargs)
-
-
-def _check_writable(workdir: str) -> None:
-  """Creates the workdir and proves it writable before any work, naming it when it is not."""
-  # One probe per process: the hosts of a multi-host run share the workdir.
-  probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(f"workdir {workdir} cannot be created or written: {e}") from None
-
-
-def _check_resumable(config, workdir: str) -> None:
-  """Refuses to resume a run whose config differs in a way that matters."""
-  saved_path = os.path.join(workdir, "config.json")
-  has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints", "latest")) and any(
-      name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints", "latest")))
-  if config.resume == "true" and not has_checkpoints:
-    raise config_lib.ConfigError(
-        f"config.resume=true but {workdir} has no checkpoint to resume from")
-  if config.resume == "false":
-    # Host 0 alone deletes (the hosts share the workdir); the others wait until it has.
-    if has_checkpoints and jax.process_index() == 0:
-      import shutil
-      logging.info("config.resume=false: starting over in %s", workdir)
-      shutil.rmtree(os.path.join(workdir, "checkpoints"))
-      for name in ("metrics.jsonl", "final_metrics.json"):
-        if os.path.exists(os.path.join(workdir, name)):
-          os.remove(os.path.join(workdir, name))
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("jtl: resume=false clean-up done")
-    return
-  if has_checkpoints and os.path.exists(saved_path):
-    with open(saved_path) as f:
-      saved = json.load(f)
-    diffs = config_lib.resume_differences(saved, config)
-    if diffs:
-      raise config_lib.ConfigError(
-          f"{workdir} holds a run with another config; refusing to resume. Differences: "
-          + "; ".join(diffs) + ". Use a new --workdir or --config.resume=false to start over.")
+def _best_head(probe_dir: str) -> dict:
+  from safetensors.numpy import load_file
+  flat = load_file(os.path.join(probe_dir, export.EXPORT_DIR, "model.safetensors"))
+  prefix = "params/head/"
+  return {k[len(prefix):]: np.asarray(v) for k, v in flat.items() if k.startswith(prefix)}

@@ -5,6 +5,9 @@ import functools
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Feature caches of the tests' runs go to a temporary directory, never the user's ~/.cache.
+import tempfile  # noqa: E402
+os.environ.setdefault("JTL_CACHE_DIR", tempfile.mkdtemp(prefix="jtl-test-features-"))
 
 import flax.linen as nn
 import numpy as np
@@ -12,6 +15,33 @@ import pytest
 from PIL import Image
 
 from jtl.models import common, registry
+
+# Test tiers, the markers registered in pyproject.toml: `fast` unit tests (`make test-fast` runs
+# `-m fast`), `engine` tests that run train.train_and_evaluate in this process, `subprocess` tests
+# that start child Python processes. A file's tiers are listed here (a file not named is fast); a
+# test or file that carries a tier marker itself keeps only its own.
+TIERS = ("fast", "engine", "subprocess")
+FILE_TIERS = {
+    "test_bad_images_run.py": ("engine",),
+    "test_budget.py": ("engine",),
+    "test_experiments.py": ("engine",),
+    "test_feature_cache.py": ("engine",),
+    "test_golden_run.py": ("engine", "subprocess"),
+    "test_lock.py": ("subprocess",),
+    "test_multidevice.py": ("engine", "subprocess"),
+    "test_multihost.py": ("subprocess",),
+    "test_nonfinite.py": ("engine",),
+    "test_reproducibility.py": ("engine", "subprocess"),
+    "test_train.py": ("engine", "subprocess"),
+    "test_workdir_guard.py": ("engine", "subprocess"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if not any(item.get_closest_marker(tier) for tier in TIERS):
+      for tier in FILE_TIERS.get(item.path.name, ("fast",)):
+        item.add_marker(tier)
 
 
 class TinyCNN(nn.Module):
@@ -25,7 +55,8 @@ class TinyCNN(nn.Module):
     return ("stem", "stage1", "stage2", "head")
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen_stages: int = 0):
+  def __call__(self, x, train: bool = False, frozen_stages: int = 0, start_stage: int = 0,
+               stop_stage: int | None = None):
     def conv_bn(name, features, stride):
       conv = nn.Conv(features, (3, 3), strides=stride, use_bias=False, name=f"{name}_conv")
       bn = common.BatchNorm(name=f"{name}_bn")
@@ -44,10 +75,13 @@ class TinyCNN(nn.Module):
               ("stage1", Stage(self.width, 2, name="stage1")),
               ("stage2", Stage(2 * self.width, 2, name="stage2")),
               ("head", lambda x, t: head(x.mean(axis=(1, 2))))]
-    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages)
+    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages,
+                               start_stage=start_stage, stop_stage=stop_stage)
 
 
-if "tiny_cnn" not in registry._REGISTRY:
+# Registered for the whole session (subprocess runs import this file too, see run_helpers), once
+# even when this file is imported both as pytest's conftest and as `conftest`.
+if not registry.is_registered("tiny_cnn"):
   registry.register_model(registry.ModelEntry(
       name="tiny_cnn", family="test", build=TinyCNN,
       pretrained={"": registry.PretrainedCfg(image_size=16, crop_pct=1.0)}, default_tag=None,

@@ -4,10 +4,9 @@ import os
 import pytest
 
 import jtl
+from helpers import FIXTURES
 from jtl.weights.files import CheckpointError
 from jtl.weights.merge import CheckpointMismatchError
-
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
 def test_checkpoint_of_another_family_lists_what_does_not_fit():

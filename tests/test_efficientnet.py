@@ -13,13 +13,14 @@ from safetensors.numpy import save_file
 from skimage import data
 
 import jtl
+from helpers import (FIXTURES, assert_logits_close, assert_same_variables, torch_layout,
+                     variable_shapes, zeros_of)
 from jtl import params as P
 from jtl.models import efficientnet, factory, labels, registry
 from jtl.models.efficientnet import EfficientNet, LayerStyle
 from jtl.weights import convert_efficientnet, files, merge
 from torch_writer import save_legacy, save_zip
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
 # Width 0.1 keeps every stage 8 channels wide; three stages cover a block without expansion, a
@@ -42,23 +43,16 @@ def preprocess(image: np.ndarray, cfg) -> np.ndarray:
   return (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
 
 
-def assert_logits_close(ours, reference):
-  ours, reference = np.asarray(ours), np.asarray(reference)
-  assert ours.shape == reference.shape
-  np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
-
-
 def random_variables(module, size: int, seed: int = 0):
   """Random values, BatchNorm statistics included, in the shapes of module's variables.
 
   Used instead of module.init, whose many random draws take XLA far longer to compile than the
   forward pass does.
   """
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
   rng = np.random.RandomState(seed)
   return P.unflatten({k: (rng.uniform(0.5, 1.5, s.shape) if k.endswith(("/var", "/scale")) else
                           rng.normal(0, 0.3, s.shape)).astype(np.float32)
-                      for k, s in P.flatten(shapes).items()})
+                      for k, s in variable_shapes(module, size).items()})
 
 
 def load_fixture(arch: str, path: str, layout: str, **overrides):
@@ -68,9 +62,7 @@ def load_fixture(arch: str, path: str, layout: str, **overrides):
   head = state.get({"timm": "classifier.weight", "torchvision": "classifier.1.weight",
                     "lukemelas": "_fc.weight"}[layout])
   module = entry.build(num_classes=head.shape[0], **overrides)
-  zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(
-      module.init, jax.random.PRNGKey(0), jnp.zeros((1, module.image_size,
-                                                      module.image_size, 3))))
+  zeros = zeros_of(variable_shapes(module, module.image_size))
   return module, merge.merge(zeros, entry.converters[layout](state, module), source=path)
 
 
@@ -182,7 +174,6 @@ def to_source_layout(variables, layout: str) -> dict[str, np.ndarray]:
   state = {}
   for key, value in flat.items():
     collection, *path, leaf = key.split("/")
-    value = np.asarray(value)
     if path[0].startswith("stage"):
       stage, block = path[0], path[1]
       has_expand = f"params/{stage}/{block}/expand_conv/kernel" in flat
@@ -190,9 +181,7 @@ def to_source_layout(variables, layout: str) -> dict[str, np.ndarray]:
                                    "/".join(path[2:]), has_expand)
     else:
       module = OUTER[layout]["/".join(path)].format(top=num_stages + 1)
-    if leaf == "kernel":
-      value = value.T if value.ndim == 2 else np.transpose(value, (3, 2, 0, 1))
-    state[f"{module}.{TORCH_PARAM[leaf]}"] = np.ascontiguousarray(value)
+    state[f"{module}.{TORCH_PARAM[leaf]}"] = torch_layout(value)
     if leaf == "mean":
       state[f"{module}.num_batches_tracked"] = np.array(7, np.int64)
   return state
@@ -209,10 +198,7 @@ def test_converter_round_trip_is_bit_identical(tmp_path, layout, arch, suffix, w
   write(to_source_layout(variables, layout), path)
   loaded = jtl.create_model(arch, pretrained=path, **TINY)
   assert loaded.pretrained_cfg.num_classes == 5
-  ours, theirs = P.flatten(loaded.variables), P.flatten(variables)
-  assert sorted(ours) == sorted(theirs)
-  for key in theirs:
-    np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+  assert_same_variables(loaded.variables, variables)
 
 
 def test_converters_return_unknown_names_and_drop_counters():

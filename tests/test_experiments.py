@@ -67,6 +67,8 @@ def test_grid_summary_comes_from_each_runs_final_metrics_and_a_rerun_skips_them(
   assert len(table) == 2 + 2
   assert os.path.getsize(os.path.join(out, "ablation.png")) > 0
 
+  final_steps = {n: json.load(open(os.path.join(out, n, "final_metrics.json")))["steps"]
+                 for n in names}
   # The same grid again: nothing runs, the summary is the same.
   summary_before = open(os.path.join(out, "summary.csv")).read()
   calls.clear()
@@ -81,10 +83,17 @@ def test_grid_summary_comes_from_each_runs_final_metrics_and_a_rerun_skips_them(
   assert [r["freeze_depth"] for r in _summary(out)] == ["0", "1", "2"]
 
   # Finished runs made with another config are refused, before anything runs.
-  with pytest.raises(config_lib.ConfigError, match="num_epochs: saved 1, now 2"):
-    ablate.run_grid(tiny_config(image_folder, num_epochs=2), grid, out,
+  with pytest.raises(config_lib.ConfigError, match="label_smoothing: saved 0.0, now 0.1"):
+    ablate.run_grid(tiny_config(image_folder, num_epochs=1, label_smoothing=0.1), grid, out,
                     train_fn=_counting_train(calls))
   assert calls == ["freeze_depth=1_optimizer.lr=0.03"]
+  # A larger budget is the same run continued (the engine's one same-run rule): they run on.
+  calls.clear()
+  ablate.run_grid(tiny_config(image_folder, num_epochs=2), grid, out,
+                  train_fn=_counting_train(calls))
+  assert calls == names
+  assert all(json.load(open(os.path.join(out, n, "final_metrics.json")))["steps"]
+             > final_steps[n] for n in names)
 
 
 def test_a_failed_run_is_reported_and_the_others_still_run(image_folder, tmp_path):

@@ -1,17 +1,14 @@
 """The three strategies are one mechanism: labels from parameter paths and optax.multi_transform."""
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jtl import optim
+from jtl import distributed, optim
 from jtl import params as P
 from jtl.config import default_config
 from jtl.models import create_model
-from jtl.train import TrainState, train_step
+from jtl.steps import make_train_step
 
 
 def _run_two_steps(strategy, freeze_depth=0, trainable=(), model="tiny_cnn", **overrides):
@@ -22,18 +19,15 @@ def _run_two_steps(strategy, freeze_depth=0, trainable=(), model="tiny_cnn", **o
   params, batch_stats = model.variables["params"], model.variables["batch_stats"]
   rules = optim.freeze_rules(strategy, model.stage_names, freeze_depth, trainable)
   plan = optim.make_freeze_plan(params, model.stage_names, rules)
-  tx = optim.make_optimizer(config, plan, params, optax.constant_schedule(1e-2))
-  state = TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
-                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.PRNGKey(0)))
-  step = jax.jit(functools.partial(train_step, module=model.module, tx=tx,
-                                   frozen_stages=plan.frozen_stages, num_classes=3,
-                                   label_smoothing=0.0, bf16=False, skip_nonfinite=False,
-                                   frozen_stats=plan.frozen_stats_mask(batch_stats)))
+  mesh = distributed.make_mesh()
+  step = make_train_step(model, plan, config, mesh, schedule=optax.constant_schedule(1e-2),
+                         num_classes=3)
+  state = step.init_state(params, batch_stats, seed=0)
   rng = np.random.default_rng(0)
   for _ in range(2):
     batch = {"image": rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
              "label": rng.integers(0, 3, 4).astype(np.int32)}
-    state, _ = step(state, batch)
+    state, _ = step(state, distributed.global_batch(batch, mesh))
   return plan, {"params": params, "batch_stats": batch_stats}, state
 
 
@@ -106,7 +100,7 @@ def test_gradual_unfreezing_keeps_state_of_training_stages():
                                 optim.freeze_rules("feature_extraction", model.stage_names, 0))
   tx = optim.make_optimizer(config, plan, params, optax.constant_schedule(1e-3))
   state = tx.init(params)
-  state = jax.tree_util.tree_map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x,
+  state = jax.tree_util.tree_map(lambda x: x + 1 if np.issubdtype(x.dtype, np.floating) else x,
                                  state)
   thawed = optim.unfreeze_stages(plan, 1)
   assert thawed.frozen_stages == plan.frozen_stages - 1
@@ -118,3 +112,55 @@ def test_gradual_unfreezing_keeps_state_of_training_stages():
   assert all(np.all(np.asarray(x) >= 1) for x in head_mu if np.ndim(x) > 0)  # kept
   stage2 = [x for x in jax.tree_util.tree_leaves(inner["stage2"]) if np.ndim(x) > 0]
   assert stage2 and all(np.all(np.asarray(x) == 0) for x in stage2)  # fresh
+
+
+def _first_step_loss(rules, bn_mode, images, labels):
+  config = default_config()
+  config.bn_mode = bn_mode
+  model = create_model("tiny_cnn", num_classes=3, seed=1)
+  plan = optim.make_freeze_plan(model.variables["params"], model.stage_names, rules)
+  mesh = distributed.make_mesh()
+  step = make_train_step(model, plan, config, mesh, schedule=optax.constant_schedule(1e-2),
+                         num_classes=3)
+  state = step.init_state(model.variables["params"], model.variables["batch_stats"], seed=0)
+  _, metrics = step(state, distributed.global_batch({"image": images, "label": labels}, mesh))
+  return float(metrics["loss"]), model
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  # Far from the initial running statistics (mean 0, var 1), so the two BatchNorm modes differ.
+  images = (3.0 + 2.0 * rng.normal(size=(8, 16, 16, 3))).astype(np.float32)
+  return images, rng.integers(0, 3, 8).astype(np.int32)
+
+
+def test_a_layer_frozen_outside_the_prefix_normalises_with_its_running_statistics():
+  # stem frozen (the prefix), stage1 trains, stage2 frozen by a rule outside the prefix.
+  rules = [("stem/.*", "freeze"), ("stage1/.*", "train"), ("stage2/.*", "freeze"),
+           (".*", "train")]
+  images, labels = _batch()
+  loss, model = _first_step_loss(rules, "frozen_only", images, labels)
+  # The same forward pass stage by stage: only stage1 with batch statistics.
+  apply, v = model.module.apply, model.variables
+  x = apply(v, images, train=False, stop_stage=1)
+  x, _ = apply(v, x, train=True, start_stage=1, stop_stage=2, mutable=["batch_stats"])
+  x = apply(v, x, train=False, start_stage=2, stop_stage=3)
+  logits = apply(v, x, train=False, start_stage=3)
+  expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  np.testing.assert_allclose(loss, float(expected), rtol=1e-5)
+  # With batch statistics in stage2 (what a frozen layer must not see) the loss differs.
+  x2, _ = apply(v, apply(v, images, train=False, stop_stage=1), train=True, start_stage=1,
+                stop_stage=3, mutable=["batch_stats"])
+  wrong = optax.softmax_cross_entropy_with_integer_labels(
+      apply(v, x2, train=False, start_stage=3), labels).mean()
+  assert abs(float(wrong) - loss) > 1e-3
+
+
+def test_bn_mode_eval_everywhere_trains_with_running_statistics_in_every_layer():
+  images, labels = _batch(1)
+  loss, model = _first_step_loss([(".*", "train")], "eval_everywhere", images, labels)
+  logits = model.module.apply(model.variables, images, train=False)
+  expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  np.testing.assert_allclose(loss, float(expected), rtol=1e-5)
+  batch_stats_loss, _ = _first_step_loss([(".*", "train")], "frozen_only", images, labels)
+  assert abs(batch_stats_loss - loss) > 1e-3

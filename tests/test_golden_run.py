@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 
 import run_helpers as rh
 from conftest import tiny_config, write_image_folder
+from jtl.loop import Hook
 from jtl import checkpoint as checkpoint_lib
 from jtl import config as config_lib
 from jtl import train
@@ -256,9 +257,13 @@ def test_preempted_on_the_last_step_of_an_epoch_resumes_to_the_same_run(golden, 
   again (the SIGTERM itself is tested above; here the loop is told to stop at that step)."""
   workdir = str(tmp_path / "run")
   config = _golden_config(golden, num_epochs=1)
-  monkeypatch.setattr(train._Preemption, "reached", lambda self, step: step == 6)
-  assert train.train_and_evaluate(config, workdir) == {"preempted": True, "step": 6}
-  monkeypatch.undo()
+  class StopAt(Hook):  # what Preemption does on SIGTERM, at a chosen step
+    def after_step(self, loop, step):
+      if step == 6:
+        loop.save()
+        loop.interrupt()
+  assert train.train_and_evaluate(config, workdir, extra_hooks=[StopAt()]) == {
+      "preempted": True, "step": 6}
   assert rh.checkpoint_arrays(workdir, 6)[1]["step_in_epoch"] == 6
   train.train_and_evaluate(config, workdir)
   golden_records = rh.read_jsonl(os.path.join(golden["straight"], "metrics.jsonl"))

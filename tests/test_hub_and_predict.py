@@ -5,12 +5,12 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import FIXTURES
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(REPO, "tests", "fixtures")
 
 
 def _fake_hub_cache(root, repo_id, files):
@@ -32,6 +32,7 @@ def _run(code, cache):
                         cwd=REPO, timeout=300)
 
 
+@pytest.mark.subprocess  # a child Python; the rest of this file is in the fast tier
 def test_hf_hub_names_load_from_the_cache_offline(tmp_path):
   tiny = os.path.join(FIXTURES, "resnet_hf_tiny")
   _fake_hub_cache(tmp_path, "test-org/resnet-tiny",

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from helpers import (TORCH_LEAVES, assert_same_variables, random_leaves, torch_layout,
+                     variable_shapes, zeros_of)
 from jtl import params as P
 from jtl.models import inception, registry  # noqa: F401  (inception registers its model)
 from jtl.weights import convert_inception, files, merge
@@ -26,36 +28,21 @@ NUM_CLASSES = 7
 @functools.lru_cache(maxsize=None)
 def module_and_shapes():
   module = registry.get_entry("inception_v3").build(num_classes=NUM_CLASSES, image_size=SIZE)
-  shapes = jax.eval_shape(functools.partial(module.init, train=False), jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32))
-  return module, P.flatten(dict(shapes))
+  return module, variable_shapes(module, SIZE)
 
 
 def random_variables(seed=0):
-  """Every leaf random (variances positive), so that a swapped tensor shows."""
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for name, shape in module_and_shapes()[1].items():
-    value = rng.standard_normal(shape.shape, dtype=np.float32)
-    if name.endswith("/kernel"):
-      value *= 1 / np.sqrt(np.prod(shape.shape[:-1]))
-    flat[name] = np.abs(value) + 0.5 if name.endswith("/var") else value
-  return flat
+  """Flat variables, every leaf random (variances positive), so that a swapped tensor shows."""
+  return random_leaves(module_and_shapes()[1], seed, scale=1.0)
 
 
 def to_torch(flat, prefix=""):
   """Our flat variables in torchvision's (and timm's) names and layouts."""
-  leaves = {"params/kernel": "weight", "params/bias": "bias", "params/scale": "weight",
-            "batch_stats/mean": "running_mean", "batch_stats/var": "running_var"}
   state = {}
   for name, value in flat.items():
     collection, stage, *path, leaf = name.split("/")
     module = "fc" if stage == "head" else ".".join(path)
-    if value.ndim == 4:
-      value = value.transpose(3, 2, 0, 1)
-    elif value.ndim == 2:
-      value = value.T
-    state[f"{prefix}{module}.{leaves[f'{collection}/{leaf}']}"] = np.ascontiguousarray(value)
+    state[f"{prefix}{module}.{TORCH_LEAVES[f'{collection}/{leaf}']}"] = torch_layout(value)
     if leaf == "mean":
       state[f"{prefix}{module}.num_batches_tracked"] = np.array(3, np.int64)
   return state
@@ -63,16 +50,8 @@ def to_torch(flat, prefix=""):
 
 def load(path):
   module, shapes = module_and_shapes()
-  template = P.unflatten({k: np.zeros(s.shape, s.dtype) for k, s in shapes.items()})
-  return merge.merge(template, convert_inception.convert(files.read_state_dict(path), module),
-                     source=path)
-
-
-def assert_same_variables(loaded, expected):
-  loaded = P.flatten(loaded)
-  assert sorted(loaded) == sorted(expected)
-  for name, value in expected.items():
-    np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+  return merge.merge(zeros_of(shapes),
+                     convert_inception.convert(files.read_state_dict(path), module), source=path)
 
 
 def test_torchvision_pth_with_aux_head_round_trip(tmp_path):
@@ -126,7 +105,7 @@ def test_unknown_tensor_and_missing_tensor_are_reported(tmp_path):
 
 def test_smallest_input():
   module, shapes = module_and_shapes()
-  template = P.unflatten({k: np.zeros(s.shape, s.dtype) for k, s in shapes.items()})
+  template = zeros_of(shapes)
   out = jax.eval_shape(module.apply, template, jax.ShapeDtypeStruct((1, SIZE, SIZE, 3),
                                                                      jnp.float32))
   assert out.shape == (1, NUM_CLASSES)

@@ -14,6 +14,7 @@ import pytest
 
 import run_helpers as rh
 from conftest import tiny_config, write_image_folder
+from jtl.loop import Hook
 from jtl import train
 
 # 36 images, no test split -> 27 train, 9 val: 3 steps of 8 per epoch.
@@ -33,18 +34,17 @@ def jax_cache(tmp_path_factory):
     yield
 
 
-def _poison(monkeypatch, steps):
+class Poison(Hook):
   """NaN pixels in the batches of the given (1-based, counted over the whole run) steps."""
-  real_batches = train.data_lib.train_batches
-  count = {"step": 0}
 
-  def poisoned(*args, **kwargs):
-    for batch in real_batches(*args, **kwargs):
-      count["step"] += 1
-      if count["step"] in steps:
-        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
-      yield batch
-  monkeypatch.setattr(train.data_lib, "train_batches", poisoned)
+  def __init__(self, steps):
+    self.steps, self.count = set(steps), 0
+
+  def on_batch(self, loop, batch):
+    self.count += 1
+    if self.count in self.steps:
+      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+    return batch
 
 
 def _all_checkpoints(workdir):
@@ -69,12 +69,12 @@ def _failed_step(error) -> int:
 
 
 def test_a_poisoned_batch_halts_at_its_step_and_the_run_resumes_from_the_last_good_one(
-    data, tmp_path, monkeypatch):
+    data, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(data, checkpoint_every_steps=2)
-  _poison(monkeypatch, {5})  # epoch 2, after the checkpoints of steps 2, 3 (epoch end) and 4
   with pytest.raises(train.NonFiniteLossError) as error:
-    train.train_and_evaluate(config, workdir)
+    # Epoch 2's step 5, after the checkpoints of steps 2, 3 (epoch end) and 4.
+    train.train_and_evaluate(config, workdir, extra_hooks=[Poison({5})])
   assert _failed_step(error.value) == 5
   assert "last good checkpoint (step 4)" in str(error.value)
   assert rh.checkpoint_steps(workdir) == [3, 4]
@@ -82,7 +82,7 @@ def test_a_poisoned_batch_halts_at_its_step_and_the_run_resumes_from_the_last_go
   _assert_all_finite(_all_checkpoints(workdir))
   assert not os.path.exists(os.path.join(workdir, "final_metrics.json"))
 
-  monkeypatch.undo()  # the data is clean again: the same command resumes from step 4
+  # The data is clean again: the same command resumes from step 4.
   final = train.train_and_evaluate(config, workdir)
   assert final["steps"] == 2 * STEPS_PER_EPOCH and final["skipped_steps"] == 0
   assert math.isfinite(final["test_loss"])
@@ -102,12 +102,11 @@ def test_a_huge_learning_rate_halts_before_saving_a_non_finite_state(data, tmp_p
     assert f"last good checkpoint (step {step - 1})" in str(error.value)
 
 
-def test_skip_policy_skips_poisoned_steps_exactly_and_counts_them(data, tmp_path, monkeypatch):
+def test_skip_policy_skips_poisoned_steps_exactly_and_counts_them(data, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(data, checkpoint_every_steps=1, keep_checkpoints=100,
                        nonfinite_policy="skip", max_skipped_steps=2)
-  _poison(monkeypatch, {2, 5})
-  final = train.train_and_evaluate(config, workdir)
+  final = train.train_and_evaluate(config, workdir, extra_hooks=[Poison({2, 5})])
   assert final["skipped_steps"] == 2 and final["steps"] == 2 * STEPS_PER_EPOCH
   checkpoints = _all_checkpoints(workdir)
   _assert_all_finite(checkpoints)

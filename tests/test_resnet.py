@@ -11,29 +11,17 @@ import transformers
 from safetensors.numpy import save_file
 
 import jtl
+from helpers import (FIXTURES, TORCH_LEAVES, assert_logits_close, assert_same_variables,
+                     fixture_input, random_variables, torch_layout)
 from jtl import params as P
 from jtl.models import registry, resnet  # noqa: F401  (registers the resnets)
 from jtl.weights import merge
 from jtl.weights.merge import CheckpointMismatchError
 from torch_writer import save_zip
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # Tiny versions of the registered architectures (the 64-wide stem kept, like timm's fixture).
 TINY_BASIC = dict(depths=(1, 1, 1, 1), widths=(8, 16, 16, 24))
 TINY_BOTTLENECK = dict(depths=(1, 2, 1, 1), widths=(16, 24, 32, 40), stem_width=8)
-
-
-def fixture_input(size: int, batch: int = 2) -> np.ndarray:
-  """The input of tests/fixtures/make_resnet.py, rebuilt."""
-  n = batch * size * size * 3
-  return np.sin(np.arange(n, dtype=np.float64) * 1.618034).astype(np.float32).reshape(
-      batch, size, size, 3)
-
-
-def assert_logits_close(ours, reference):
-  ours, reference = np.asarray(ours), np.asarray(reference)
-  assert ours.shape == reference.shape
-  np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
 def train_logits(model, x):
@@ -84,8 +72,6 @@ HF_NAMES = [
     (r"stage(\d)/block(\d+)/shortcut_bn",
      lambda m: f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization"),
 ]
-LEAVES = {"params/kernel": "weight", "params/bias": "bias", "params/scale": "weight",
-          "batch_stats/mean": "running_mean", "batch_stats/var": "running_var"}
 
 
 def to_torch_layout(variables, names) -> dict[str, np.ndarray]:
@@ -100,40 +86,10 @@ def to_torch_layout(variables, names) -> dict[str, np.ndarray]:
         break
     else:
       raise AssertionError(f"no torch name for {flat}")
-    value = np.asarray(value)
-    if value.ndim == 4:
-      value = value.transpose(3, 2, 0, 1)
-    elif value.ndim == 2:
-      value = value.T
-    state[f"{module}.{LEAVES[f'{collection}/{leaf}']}"] = np.ascontiguousarray(value)
+    state[f"{module}.{TORCH_LEAVES[f'{collection}/{leaf}']}"] = torch_layout(value)
     if leaf == "mean":
       state[f"{module}.num_batches_tracked"] = np.array(7, np.int64)
   return state
-
-
-def random_variables(arch, seed=0, num_classes=7, **tiny):
-  """Variables of the tiny `arch` with every leaf random, so that a swapped tensor shows.
-
-  Shapes come from jax.eval_shape: nothing is compiled.
-  """
-  module = registry.get_entry(arch).build(num_classes=num_classes, **tiny)
-  shapes = jax.eval_shape(functools.partial(module.init, train=False), jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for name, leaf in P.flatten(dict(shapes)).items():
-    scale = 1 / np.sqrt(np.prod(leaf.shape[:-1])) if name.endswith("/kernel") else 0.5
-    value = rng.standard_normal(leaf.shape) * scale
-    flat[name] = (np.abs(value) + 0.5 if name.endswith("/var") else value).astype(np.float32)
-  return P.unflatten(flat)
-
-
-def assert_same_variables(loaded, expected):
-  loaded, expected = P.flatten(loaded), P.flatten(expected)
-  assert sorted(loaded) == sorted(expected)
-  for name in expected:
-    np.testing.assert_array_equal(np.asarray(loaded[name]), np.asarray(expected[name]),
-                                  err_msg=name)
 
 
 @pytest.mark.parametrize("arch, tiny, names, writer, suffix", [

@@ -4,13 +4,16 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from conftest import tiny_config
 from jtl import config as config_lib
+from jtl import params as P
 from jtl import train
+from jtl.models import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,3 +143,38 @@ def test_tfds_dataset_through_the_engine(tmp_path):
     final = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert final["num_test_examples"] == 40
   assert len(final["per_class"]) == 10
+
+
+def test_lp_ft_probes_the_head_then_fine_tunes_from_it(image_folder, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(image_folder, strategy="lp_ft", freeze_depth=1, num_epochs=2,
+                       **{"probe.steps": 6, "probe.lr": 0.05})
+  final = train.train_and_evaluate(config, workdir)
+  probe = json.load(open(os.path.join(workdir, "probe", "final_metrics.json")))
+  assert probe["feature_cache"] and probe["steps"] == 6  # the head alone, on cached features
+  assert final["probe_test_accuracy"] == probe["test_accuracy"]
+  assert final["probe_steps"] == 6 and 0 <= final["probe_val_accuracy"] <= 1
+  # The fine-tuning phase started from the probe's head, not from a fresh one.
+  from safetensors.numpy import load_file
+  probe_head = load_file(os.path.join(workdir, "probe", "export", "model.safetensors"))
+  fresh = create_model("tiny_cnn", num_classes=3, seed=0).variables["params"]["head"]["kernel"]
+  assert not np.allclose(probe_head["params/head/kernel"], fresh)
+  assert final["trainable_params"] > probe["trainable_params"]
+
+
+def test_adam_state_holds_twice_the_trainable_bytes(image_folder):
+  from jtl import distributed, optim, steps
+  for strategy, depth in (("feature_extraction", 0), ("partial", 2), ("full", 0)):
+    config = tiny_config(image_folder, strategy=strategy, freeze_depth=depth,
+                         **{"optimizer.name": "adam"})
+    model = create_model("tiny_cnn", num_classes=3)
+    params = model.variables["params"]
+    plan = optim.make_freeze_plan(params, model.stage_names, optim.freeze_rules(
+        strategy, model.stage_names, depth))
+    step = steps.make_train_step(model, plan, config, distributed.make_mesh(),
+                                 schedule=optim.make_schedule(config, 1), num_classes=3)
+    opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(step.tx.init(params))
+                    if np.ndim(x) > 0)
+    trainable = sum(np.asarray(v).nbytes for k, v in P.flatten(params).items()
+                    if plan.labels[k] != optim.FROZEN)
+    assert opt_bytes == 2 * trainable, strategy

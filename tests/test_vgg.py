@@ -1,5 +1,4 @@
 """VGG: torchvision's logits (adaptive 7x7 pooling, NCHW flatten) and bit-exact converters."""
-import functools
 import math
 import os
 
@@ -10,21 +9,14 @@ import pytest
 from safetensors.numpy import save_file
 
 import jtl
+from helpers import FIXTURES, assert_same_variables, fixture_input, random_variables
 from jtl import params as P
 from jtl.models import registry, vgg
 from jtl.weights import convert_vgg
 from torch_writer import save_zip
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # tests/fixtures/make_vgg.py's torchvision configuration: [8, M, 8, 8, M, 16, M, 16, M, 16, 16, M].
 TINY = dict(stage_channels=((8,), (8, 8), (16,), (16,), (16, 16)), fc_width=16)
-
-
-def fixture_input(size: int, batch: int = 2) -> np.ndarray:
-  """The input of tests/fixtures/make_vgg.py, rebuilt."""
-  n = batch * size * size * 3
-  return np.sin(np.arange(n, dtype=np.float64) * 1.618034).astype(np.float32).reshape(
-      batch, size, size, 3)
 
 
 def test_torchvision_fixture_at_three_input_sizes():
@@ -121,35 +113,18 @@ def to_source_layout(variables, stage_channels, batch_norm, layout) -> dict[str,
   return {k: np.ascontiguousarray(v) for k, v in state.items()}
 
 
-def random_variables(arch, seed=0, num_classes=5, **tiny):
-  """Every leaf random (shapes from eval_shape, nothing compiled)."""
-  module = registry.get_entry(arch).build(num_classes=num_classes, **tiny)
-  shapes = jax.eval_shape(functools.partial(module.init, train=False), jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for name, leaf in P.flatten(dict(shapes)).items():
-    scale = 1 / np.sqrt(np.prod(leaf.shape[:-1])) if name.endswith("/kernel") else 0.5
-    value = rng.standard_normal(leaf.shape) * scale
-    flat[name] = (np.abs(value) + 0.5 if name.endswith("/var") else value).astype(np.float32)
-  return P.unflatten(flat)
-
-
 @pytest.mark.parametrize("arch, layout, writer, suffix", [
     ("vgg13", "torchvision", save_zip, ".pth"),
     ("vgg16_bn", "timm", save_file, ".safetensors"),
 ])
 def test_round_trip(tmp_path, arch, layout, writer, suffix):
   """A checkpoint in either layout loads back bit-identical; the layout is detected."""
-  variables = random_variables(arch, **TINY)
+  variables = random_variables(arch, num_classes=5, **TINY)
   batch_norm = arch.endswith("_bn")
   path = str(tmp_path / f"ckpt{suffix}")
   writer(to_source_layout(variables, TINY["stage_channels"], batch_norm, layout), path)
   loaded = jtl.create_model(arch, pretrained=path, image_size=32, **TINY)
-  loaded_flat, expected = P.flatten(loaded.variables), P.flatten(variables)
-  assert sorted(loaded_flat) == sorted(expected)
-  for name in expected:
-    np.testing.assert_array_equal(np.asarray(loaded_flat[name]), expected[name], err_msg=name)
+  assert_same_variables(loaded.variables, variables)
 
   # Dropout runs only in a classifier that trains, and only with the "dropout" rng.
   x = jnp.asarray(fixture_input(32))

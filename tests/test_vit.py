@@ -10,29 +10,17 @@ import pytest
 from safetensors.numpy import save_file
 
 import jtl
+from helpers import (FIXTURES, assert_logits_close, assert_same_variables, fixture_input,
+                     variable_shapes, zeros_of)
 from jtl import params as P
 from jtl.models import registry, vit  # noqa: F401  (vit registers its models)
 from jtl.weights import convert_vit, files, merge
 from jtl.weights.merge import CheckpointMismatchError
 from torch_writer import save_zip
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # The sizes of tests/fixtures/make_vit.py's models, as overrides of a registered architecture.
 TINY = dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
 TIMM_FIXTURE = os.path.join(FIXTURES, "vit_timm_tiny.safetensors")
-
-
-def fixture_input(size: int, batch: int = 2) -> np.ndarray:
-  """The input of tests/fixtures/make_vit.py, rebuilt."""
-  n = batch * size * size * 3
-  return np.sin(np.arange(n, dtype=np.float64) * 1.618034).astype(np.float32).reshape(
-      batch, size, size, 3)
-
-
-def assert_logits_close(ours, reference):
-  ours, reference = np.asarray(ours), np.asarray(reference)
-  assert ours.shape == reference.shape
-  np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
 def tiny_module(num_classes=5, image_size=32, **overrides):
@@ -42,17 +30,14 @@ def tiny_module(num_classes=5, image_size=32, **overrides):
 
 def zeros_template(module):
   """Zero variables of the module's shapes; eval_shape avoids compiling the initialisers."""
-  size = module.image_size
-  shapes = jax.eval_shape(functools.partial(module.init, train=False), jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-  return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
+  return zeros_of(variable_shapes(module, module.image_size))
 
 
 def random_variables(module, seed=0, zero_class_posemb=False):
   """Every leaf random, so that a swapped or transposed tensor shows."""
   rng = np.random.default_rng(seed)
   flat = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.2
-          for k, v in P.flatten(zeros_template(module)).items()}
+          for k, v in variable_shapes(module, module.image_size).items()}
   if zero_class_posemb:  # big_vision has no position embedding for the class token
     flat["params/embed/pos_embedding"][:, 0] = 0
   return P.unflatten(flat)
@@ -67,14 +52,6 @@ def load(convert, path, module):
   """What create_model does once the module is initialised: read, convert, merge."""
   converted = convert(files.read_state_dict(path), module)
   return merge.merge(zeros_template(module), converted, source=path)
-
-
-def assert_same_variables(loaded, expected):
-  loaded, expected = P.flatten(loaded), P.flatten(expected)
-  assert sorted(loaded) == sorted(expected)
-  for name in expected:
-    np.testing.assert_array_equal(np.asarray(loaded[name]), np.asarray(expected[name]),
-                                  err_msg=name)
 
 
 # --- each layout, written from our variables -------------------------------------------------

@@ -16,18 +16,19 @@ import numpy as np
 
 from jtl.data import mixing
 from jtl.data.dataset import Dataset
+from jtl.data.errors import DataError
 from jtl.data.preprocess import Augment, Preprocess, eval_pixels, normalize, train_pixels
 from jtl.data.tf_setup import tf
 
-_ORDER_STREAM, _EXAMPLE_STREAM, _BATCH_STREAM = 0x0D, 0xE7, 0xBA
+_ORDER_STREAM, _EXAMPLE_STREAM, _BATCH_STREAM, _VIEW_STREAM = 0x0D, 0xE7, 0xBA, 0x7E
 
 
 def steps_per_epoch(ds: Dataset, batch_size_global: int) -> int:
   """Full global batches in one epoch of the train split (the remainder is dropped)."""
   steps = ds.num_examples("train") // batch_size_global
   if steps == 0:
-    raise ValueError(f"the train split of {ds.name} has {ds.num_examples('train')} examples, "
-                     f"fewer than one global batch of {batch_size_global}")
+    raise DataError(f"the train split of {ds.name} has {ds.num_examples('train')} examples, "
+                    f"fewer than one global batch of {batch_size_global}")
   return steps
 
 
@@ -116,35 +117,46 @@ def train_batches(ds: Dataset, *, batch_size: int, preprocess: Preprocess, augme
 
 
 def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Preprocess,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+                 process_index: int = 0, process_count: int = 1, view: int = 0,
+                 augment: Augment | None = None, seed: int = 0) -> Iterator[dict]:
   """Every example of `split` exactly once across processes, in a fixed order.
 
-  Process p takes examples p, p + P, p + 2P, ...; every process yields the same number of
-  batches (collectives need that), the last ones padded with black images whose mask is False.
-  Yields dict(image=float32 [B, S, S, 3], label=int32 [B], mask=bool [B]).
+  Process p takes examples p, p + P, p + 2P, ... (see `eval_example_indices`); every process
+  yields the same number of batches (collectives need that), the last ones padded with black
+  images whose mask is False. Yields dict(image=float32 [B, S, S, 3], label=int32 [B],
+  mask=bool [B]).
+
+  view (the feature cache's fixed views): 0 is the eval transform; without `augment`, view 1 is
+  its horizontal flip (what training with hflip as the only augmentation sees); with `augment`,
+  view v is the training augmentation drawn with the key (seed, v, example).
   """
   images = ds.images(split)
   n = images.size
   if n == 0:
     return
-  per_process = -(-n // process_count)
-  num_batches = -(-per_process // batch_size)
-  indices = np.arange(num_batches * batch_size, dtype=np.int64) * process_count + process_index
-  indices[indices >= n] = -1
+  indices = eval_example_indices(n, batch_size, process_index, process_count)
   size = preprocess.image_size
+  view_key = _base_key(seed, view, _VIEW_STREAM)
 
   def build_load():
+    def pixels(index):
+      if augment is not None:
+        key = tf.random.experimental.stateless_fold_in(view_key, index)
+        return train_pixels(images.image(index), key, preprocess, augment)
+      x = eval_pixels(images.image(index), preprocess)
+      return tf.reverse(x, [1]) if view == 1 else x
+
     def load(index):
       def real():
-        return (eval_pixels(images.image(index), preprocess),
-                tf.gather(images.labels, index), tf.constant(True))
+        return pixels(index), tf.gather(images.labels, index), tf.constant(True)
 
       def padding():
         return tf.zeros([size, size, 3], tf.uint8), tf.constant(0, tf.int32), tf.constant(False)
       return tf.cond(index >= 0, real, padding)
     return load
 
-  load = _traced(images, "eval_load", (preprocess,), [tf.TensorSpec([], tf.int64)], build_load)
+  load = _traced(images, "eval_load", (preprocess, view, augment, seed),
+                 [tf.TensorSpec([], tf.int64)], build_load)
 
   data = (tf.data.Dataset.from_tensor_slices(indices)
           .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -155,3 +167,27 @@ def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Prepro
   for image, label, mask in data.as_numpy_iterator():
     yield {"image": image, "label": label, "mask": mask}
 
+
+def eval_example_indices(num_examples: int, batch_size: int, process_index: int = 0,
+                         process_count: int = 1) -> np.ndarray:
+  """The example index of every slot of this process's evaluation batches (-1: padding)."""
+  per_process = -(-num_examples // process_count)
+  num_batches = -(-per_process // batch_size)
+  indices = np.arange(num_batches * batch_size, dtype=np.int64) * process_count + process_index
+  indices[indices >= num_examples] = -1
+  return indices
+
+
+def hflip_decisions(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+  """Whether training flips each of these examples in `epoch`: the very draw `train_pixels`
+  makes, so that training on cached (identity, flip) views replays the uncached run."""
+  from jtl.data.preprocess import sub_key, FLIP_STREAM
+  example_key = _base_key(seed, epoch, _EXAMPLE_STREAM)
+
+  def flip(index):
+    key = tf.random.experimental.stateless_fold_in(example_key, index)
+    return tf.random.stateless_uniform([], sub_key(key, FLIP_STREAM)) < 0.5
+  if len(indices) == 0:
+    return np.zeros((0,), bool)
+  decide = tf.function(lambda idx: tf.map_fn(flip, idx, fn_output_signature=tf.bool))
+  return decide(tf.constant(np.asarray(indices, np.int64))).numpy()

@@ -35,5 +35,10 @@ def main(argv) -> int:
   return 0
 
 
+def run() -> int:
+  """The console script `jtl-models`."""
+  return main(sys.argv)
+
+
 if __name__ == "__main__":
   sys.exit(main(sys.argv))

@@ -110,10 +110,10 @@ class LayerStyle(NamedTuple):
                                padding=conv_padding(kernel, self.padding),
                                kernel_init=conv_init(groups), name=f"{prefix}conv")(x)
     else:
-      x = nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                  padding=conv_padding(kernel, self.padding), feature_group_count=groups,
-                  use_bias=False, kernel_init=conv_init(groups), name=f"{prefix}conv")(x)
-    x = common.BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
+      x = common.Conv(features, (kernel, kernel), strides=(stride, stride),
+                      padding=conv_padding(kernel, self.padding), feature_group_count=groups,
+                      use_bias=False, kernel_init=conv_init(groups), name=f"{prefix}conv")(x)
+    x = common.BatchNorm(train=train, epsilon=self.bn_epsilon,
                          momentum=self.bn_momentum, name=f"{prefix}bn")(x)
     return self.act(x) if act else x
 
@@ -164,8 +164,9 @@ class SqueezeExcite(nn.Module):
   @nn.compact
   def __call__(self, x):
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = self.style.act(nn.Conv(self.reduced, (1, 1), kernel_init=conv_init(), name="reduce")(s))
-    s = nn.Conv(x.shape[-1], (1, 1), kernel_init=conv_init(), name="expand")(s)
+    s = self.style.act(
+        common.Conv(self.reduced, (1, 1), kernel_init=conv_init(), name="reduce")(s))
+    s = common.Conv(x.shape[-1], (1, 1), kernel_init=conv_init(), name="expand")(s)
     return x * nn.sigmoid(s)
 
 
@@ -245,7 +246,8 @@ class EfficientNet(nn.Module):
     return tuple(specs)
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen_stages: int = 0):
+  def __call__(self, x, train: bool = False, frozen_stages: int = 0, start_stage: int = 0,
+               stop_stage: int | None = None):
     style = LayerStyle(self.padding, self.bn_epsilon, self.bn_momentum, self.lite)
     se_ratio = 0.0 if self.lite else self.se_ratio
     specs = self.block_specs()
@@ -261,7 +263,8 @@ class EfficientNet(nn.Module):
     head = nn.Dense(self.num_classes, name="head")
     stages.append(("head", lambda x, train: head(
         dropout(jnp.mean(x, axis=(1, 2)), deterministic=not train))))
-    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages)
+    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages,
+                               start_stage=start_stage, stop_stage=stop_stage)
 
 
 # (width, depth, dropout) of the paper (B) and of TF's efficientnet_lite_builder (Lite).

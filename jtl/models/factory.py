@@ -271,3 +271,27 @@ def _preprocessor_overrides(directory: str) -> dict[str, Any]:
   if "image_mean" in pre and "image_std" in pre:
     out["mean"], out["std"] = tuple(pre["image_mean"]), tuple(pre["image_std"])
   return out
+
+
+def check_spec(name: str, pretrained: Any = None) -> None:
+  """Raises what create_model would raise about the name and the weights' location, without
+  building or loading anything (the engine calls it before scanning a data folder)."""
+  if name.startswith(HF_PREFIX):
+    return  # resolved by the hub at load time
+  if os.path.isdir(name):
+    if not os.path.isfile(os.path.join(name, "config.json")):
+      raise FileNotFoundError(f"{name}: a directory without config.json is not a "
+                              "transformers checkpoint")
+    return
+  entry = registry.get_entry(name)
+  _, name_tag = registry.split_tag(name)
+  if name_tag is not None and name_tag not in entry.pretrained:
+    raise ValueError(f"{name}: unknown tag {name_tag!r}; {entry.name} has "
+                     f"{sorted(entry.pretrained) or 'no pretrained tags'}")
+  if isinstance(pretrained, (str, os.PathLike)) and not (
+      os.fspath(pretrained) in entry.pretrained
+      or os.fspath(pretrained).startswith((PYPI_PREFIX, HF_PREFIX))):
+    if not os.path.exists(pretrained):
+      raise FileNotFoundError(f"{pretrained}: no such checkpoint file")
+  if pretrained is True and (name_tag or entry.default_tag) is None:
+    raise ValueError(f"{entry.name} has no default pretrained weights")

@@ -34,14 +34,14 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     pad_h, pad_w = self.padding
-    x = nn.Conv(self.features, self.kernel, strides=(self.strides, self.strides),
-                padding=((pad_h, pad_h), (pad_w, pad_w)), use_bias=False, name="conv")(x)
-    x = common.BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon, name="bn")(x)
+    x = common.Conv(self.features, self.kernel, strides=(self.strides, self.strides),
+                    padding=((pad_h, pad_h), (pad_w, pad_w)), use_bias=False, name="conv")(x)
+    x = common.BatchNorm(train=train, epsilon=self.bn_epsilon, name="bn")(x)
     return nn.relu(x)
 
 
 def _max_pool(x):
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+  return common.max_pool(x, (3, 3), (2, 2), padding="VALID")
 
 
 def _avg_pool(x):
@@ -190,8 +190,9 @@ class InceptionV3(nn.Module):
     return ("stem", "mixed5", "mixed6", "mixed7", "head")
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen_stages: int = 0):
-    if min(x.shape[1:3]) < 75:
+  def __call__(self, x, train: bool = False, frozen_stages: int = 0, start_stage: int = 0,
+               stop_stage: int | None = None):
+    if start_stage == 0 and min(x.shape[1:3]) < 75:
       raise ValueError(f"Inception-v3 needs inputs of at least 75x75 px, got "
                        f"{x.shape[1]}x{x.shape[2]}")
     eps = self.bn_epsilon
@@ -209,7 +210,8 @@ class InceptionV3(nn.Module):
         ("mixed7", MixedStage(_MIXED7, eps, name="mixed7")),
         ("head", classify),
     ]
-    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages)
+    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages,
+                               start_stage=start_stage, stop_stage=stop_stage)
 
 
 def _cfg(tag: str, mean=INCEPTION_MEAN, std=INCEPTION_STD) -> PretrainedCfg:

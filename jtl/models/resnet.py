@@ -24,12 +24,12 @@ BOTTLENECK_REDUCTION = 4
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> common.Conv:
   """A bias-free convolution padded like torch's (kernel // 2 on every side)."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
-                 name=name)
+  return common.Conv(features, (kernel, kernel), strides=(stride, stride),
+                     padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
+                     name=name)
 
 
 class Stem(nn.Module):
@@ -39,10 +39,10 @@ class Stem(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = conv(self.width, 7, 2, name="conv")(x)
-    x = common.BatchNorm(use_running_average=not train, name="bn")(x)
+    x = common.BatchNorm(train=train, name="bn")(x)
     x = nn.relu(x)
     # torch pads max-pooling with -inf, as flax does.
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return common.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
 
 class Block(nn.Module):
@@ -54,7 +54,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = functools.partial(common.BatchNorm, use_running_average=not train)
+    norm = functools.partial(common.BatchNorm, train=train)
     if self.block == "basic":
       layers = [(self.features, 3, self.stride), (self.features, 3, 1)]
     else:
@@ -114,7 +114,8 @@ class ResNet(nn.Module):
     return ("stem",) + tuple(f"stage{i}" for i in range(1, len(self.depths) + 1)) + ("head",)
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen_stages: int = 0):
+  def __call__(self, x, train: bool = False, frozen_stages: int = 0, start_stage: int = 0,
+               stop_stage: int | None = None):
     stem = Stem(self.stem_width, name="stem")
     stages = [("stem", stem)]
     for i, (depth, width) in enumerate(zip(self.depths, self.widths)):
@@ -123,7 +124,8 @@ class ResNet(nn.Module):
       stages.append((name, Stage(width, depth, stride, self.block, self.stride_in_1x1, name=name)))
     head = nn.Dense(self.num_classes, name="head")
     stages.append(("head", lambda x, train: head(jnp.mean(x, axis=(1, 2)))))
-    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages)
+    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages,
+                               start_stage=start_stage, stop_stage=stop_stage)
 
 
 TORCHVISION_URL = "https://download.pytorch.org/models/"

@@ -58,9 +58,9 @@ class ConvStage(nn.Module):
       x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
                   name=f"conv{i}")(x)
       if self.batch_norm:
-        x = common.BatchNorm(use_running_average=not train, name=f"bn{i}")(x)
+        x = common.BatchNorm(train=train, name=f"bn{i}")(x)
       x = nn.relu(x)
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
+    return common.max_pool(x, (2, 2), (2, 2))
 
 
 class Classifier(nn.Module):
@@ -96,7 +96,8 @@ class VGG(nn.Module):
     return convs + ("classifier", "head")
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen_stages: int = 0):
+  def __call__(self, x, train: bool = False, frozen_stages: int = 0, start_stage: int = 0,
+               stop_stage: int | None = None):
     stages = []
     for i, channels in enumerate(self.stage_channels, 1):
       name = f"stage{i}"
@@ -105,7 +106,8 @@ class VGG(nn.Module):
                                             name="classifier")))
     head = nn.Dense(self.num_classes, kernel_init=dense_init, name="head")
     stages.append(("head", lambda x, train: head(x)))
-    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages)
+    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages,
+                               start_stage=start_stage, stop_stage=stop_stage)
 
 
 # Convolution widths of configurations A, B, D and E of the paper.

@@ -113,7 +113,8 @@ class ViT(nn.Module):
     return ("embed", *(f"block{i}" for i in range(self.depth)), "norm", "head")
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen_stages: int = 0):
+  def __call__(self, x, train: bool = False, frozen_stages: int = 0, start_stage: int = 0,
+               stop_stage: int | None = None):
     embed = Embedding(self.patch_size, self.width, self.grid_size, name="embed")
     stages = [("embed", lambda h, _: embed(h))]
     for i in range(self.depth):
@@ -126,7 +127,8 @@ class ViT(nn.Module):
     stages.append(("norm", lambda h, _: norm(h[:, 0])))
     head = nn.Dense(self.num_classes, name="head")
     stages.append(("head", lambda h, _: head(h)))
-    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages)
+    return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages,
+                               start_stage=start_stage, stop_stage=stop_stage)
 
 
 _SIZES = {  # width, depth, heads (Dosovitskiy et al. table 1; Ti and S from DeiT / augreg)

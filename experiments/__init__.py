@@ -1,0 +1,1 @@
+"""Drivers that run many configs and summarise them (python -m experiments.ablate)."""

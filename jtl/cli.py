@@ -1,0 +1,38 @@
+"""The `jtl` command: jtl train | predict | models | ablate, each the module of that name."""
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: jtl COMMAND [ARGS...]
+
+  jtl train --config configs/partial_ft.py --workdir runs/x [--config.KEY=VALUE ...]
+  jtl predict (--model NAME | --workdir RUN) IMAGES_OR_FOLDERS... [--json | --csv]
+  jtl models [PATTERN]
+  jtl ablate --config configs/partial_ft.py --out runs/ablation [--grid KEY=V1,V2 ...]
+"""
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(USAGE)
+    return 0
+  command, rest = argv[0], argv[1:]
+  if command == "train":
+    from jtl import main as train_main
+    return train_main.run([f"jtl {command}", *rest])
+  if command == "predict":
+    from jtl import predict
+    return predict.main(rest)
+  if command == "models":
+    from jtl.models import __main__ as models_main
+    return models_main.main([f"jtl {command}", *rest])
+  if command == "ablate":
+    from experiments import ablate
+    return ablate.main(rest)
+  print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+  return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

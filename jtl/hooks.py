@@ -1,0 +1,195 @@
+"""The loop's hooks: what happens around the steps, one concern each.
+
+Order matters where one hook reads what another decided: Evaluation (which sets `loop.is_best`
+and may stop the run) comes before Checkpointing (which saves with that flag).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jtl.loop import Hook, Loop
+
+log = logging.getLogger(__name__)
+
+
+class ScalarLog(Hook):
+  """Training loss and learning rate to TensorBoard every `every_steps` steps, and one "train"
+  row in metrics.jsonl per epoch."""
+
+  def __init__(self, run_log, schedule, *, every_steps: int, grad_accum_steps: int):
+    self.run_log, self.schedule = run_log, schedule
+    self.every, self.accum = every_steps, grad_accum_steps
+
+  def learning_rate(self, step: int) -> float:
+    # The schedule counts optimizer steps; with accumulation, `accum` batches make one.
+    return float(self.schedule(step // self.accum))
+
+  def on_step(self, loop, step, metrics):
+    if step % self.every == 0:
+      self.run_log.scalars(step, {"train/loss": metrics["loss"],
+                                  "train/learning_rate": self.learning_rate(step)})
+
+  def on_epoch_end(self, loop, stats):
+    self.run_log.record({"step": loop.step, "epoch": loop.progress.epoch, "split": "train",
+                         "learning_rate": self.learning_rate(loop.step), **stats})
+
+
+class ProgressBar(Hook):
+  """A tqdm bar per epoch on host 0, with the loss and images per second."""
+
+  def __init__(self, steps_per_epoch: int, batch_size: int):
+    self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
+    self.bar = None
+
+  def on_epoch_start(self, loop):
+    from tqdm.auto import tqdm
+    p = loop.progress
+    self.bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch,
+                    desc=f"epoch {p.epoch + 1}/{loop.budget.num_epochs}", unit="step",
+                    leave=False, dynamic_ncols=True)
+    self.last, self.images = time.perf_counter(), 0
+
+  def on_step(self, loop, step, metrics):
+    if self.bar is None:
+      return
+    now = time.perf_counter()
+    self.images += self.batch_size
+    if now - self.last > 1.0:
+      self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                           img_s=f"{self.images / (now - self.last):.0f}")
+      self.last, self.images = now, 0
+    self.bar.update(1)
+
+  def on_epoch_end(self, loop, stats):
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
+  def on_end(self, loop):  # an interrupted epoch leaves its bar open
+    self.on_epoch_end(loop, {})
+
+
+def improved(metric: str, value: float, best: float | None, min_delta: float) -> bool:
+  if best is None:
+    return bool(np.isfinite(value))
+  if metric == "val_loss":
+    return value < best - min_delta
+  return value > best + min_delta
+
+
+class Evaluation(Hook):
+  """Evaluates on the validation split when the budget says so, records it, tracks the best
+  model and stops the run early after `patience` evaluations without improvement."""
+
+  def __init__(self, evaluate: Callable[[object], dict], run_log, learning_rate, *,
+               metric: str, patience: int, min_delta: float):
+    self.evaluate, self.run_log, self.learning_rate = evaluate, run_log, learning_rate
+    self.metric, self.patience, self.min_delta = metric, patience, min_delta
+
+  def on_epoch_end(self, loop, stats):
+    p = loop.progress
+    if not loop.budget.evaluates_after(p.epoch):
+      return
+    result = self.evaluate(loop.state)
+    self.run_log.record({"step": loop.step, "epoch": p.epoch, "split": "val",
+                         "loss": result["loss"], "accuracy": result["accuracy"],
+                         "top5": result["top5"], "macro_f1": result["macro_f1"],
+                         "learning_rate": self.learning_rate(loop.step)})
+    value = result[self.metric[len("val_"):]]
+    # A model whose validation loss is not finite has diverged, whatever its accuracy.
+    if np.isfinite(result["loss"]) and improved(self.metric, value, p.best, self.min_delta):
+      p.best, p.best_step, p.bad_evals = value, loop.step, 0
+      loop.is_best = True
+      return
+    p.bad_evals += 1
+    if self.patience and p.bad_evals >= self.patience:
+      log.info("early stopping: %s did not improve for %d evaluations", self.metric,
+               p.bad_evals)
+      loop.request_stop()
+
+
+class Checkpointing(Hook):
+  """Saves at every evaluation, at the end, every `every_steps` steps inside an epoch, and at an
+  epoch end when `every_seconds` have passed since the last save."""
+
+  def __init__(self, checkpoints, *, every_steps: int = 0, every_seconds: float = 600.0):
+    self.checkpoints = checkpoints
+    self.every_steps, self.every_seconds = every_steps, every_seconds
+    self.last_time = time.perf_counter()
+
+  def attach(self, loop: Loop) -> None:
+    loop.save_fn = self._save
+    loop.last_saved_step = self.checkpoints.latest_step()
+
+  def _save(self, loop, best):
+    self.checkpoints.save(loop.step, loop.state, loop.progress.to_json(), best=best)
+    loop.last_saved_step = loop.step
+    self.last_time = time.perf_counter()
+
+  def after_step(self, loop, step):
+    if (self.every_steps and step % self.every_steps == 0
+        and loop.progress.step_in_epoch < loop.budget.steps_per_epoch):
+      loop.save()
+
+  def on_epoch_done(self, loop):
+    p = loop.progress
+    if (loop.budget.evaluates_after(p.epoch) or p.finished or loop.is_best
+        or time.perf_counter() - self.last_time > self.every_seconds):
+      loop.save(best=loop.is_best)
+
+  def on_end(self, loop):
+    self.checkpoints.wait()
+
+
+class Preemption(Hook):
+  """SIGTERM asks the loop to save and stop at a step boundary, the same one on every host.
+
+  One host: a Python handler sets a flag. Several hosts: each may get its SIGTERM at another
+  step, and one host saving (a collective) while another trains (another collective) hangs
+  both; so JAX's preemption service (started by jax.distributed.initialize) catches SIGTERM,
+  tells every host, and names the step at which all of them stop.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._across_hosts = False
+
+  def __enter__(self):
+    if jax.process_count() > 1 and jax.config.jax_enable_preemption_service:
+      self._across_hosts = True
+      return self
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    log.warning("SIGTERM: saving a checkpoint and stopping")
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; called once for every step, on every host."""
+    if self._across_hosts:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        log.warning("preemption notice: every host saves step %d and stops", step)
+        self.requested = True
+    return self.requested
+
+  def after_step(self, loop, step):
+    if self.reached(step):
+      loop.save()
+      loop.interrupt()
+      log.warning("stopped by SIGTERM at step %d; rerun the same command to resume", step)
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
