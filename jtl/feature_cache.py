@@ -221,7 +221,7 @@ class _Builder:
     for view in range(views):
       for j, batch in enumerate(data_lib.eval_batches(
           self.dataset, split, batch_size=local, preprocess=self.preprocess,
-          process_index=jax.process_index(), process_count=hosts, view=view, augment=augment,
+          shard=data_lib.Shard(jax.process_index(), hosts), view=view, augment=augment,
           seed=config.seed)):
         images = distributed.global_batch({"image": batch["image"]}, self.mesh)["image"]
         feats = np.asarray(jax.device_get(self.features_fn(*variables, images)))
@@ -242,8 +242,9 @@ class CachedBatches:
     self.seed = seed
 
   def train_epoch(self, *, batch_size: int, epoch: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+                  shard: data_lib.Shard = data_lib.Shard()) -> Iterator[dict]:
     """The batches `data.train_batches` would give this process, as features."""
+    process_index, process_count = shard.index, shard.count
     features, labels = self.cache.features["train"], self.cache.labels["train"]
     n = len(labels)
     global_batch = batch_size * process_count
@@ -264,12 +265,11 @@ class CachedBatches:
     rng = np.random.default_rng([self.seed, epoch, _VIEW_CHOICE_STREAM])
     return rng.integers(plan.views, size=self.cache.num_examples("train"))[indices]
 
-  def eval_split(self, split: str, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+  def eval_split(self, split: str, *, batch_size: int,
+                 shard: data_lib.Shard = data_lib.Shard()) -> Iterator[dict]:
     """The batches `data.eval_batches` would give, as features (view 0), padding masked."""
     features, labels = self.cache.features[split], self.cache.labels[split]
-    indices = data_lib.eval_example_indices(len(labels), batch_size, process_index,
-                                            process_count)
+    indices = data_lib.eval_example_indices(len(labels), batch_size, shard.index, shard.count)
     for start in range(0, len(indices), batch_size):
       index = indices[start:start + batch_size]
       mask = index >= 0

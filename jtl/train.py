@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any, Sequence
 
 import jax
@@ -146,6 +147,7 @@ class Training:
   eval_batches: Any           # split -> this host's evaluation batches
   start_stage: int            # 0 on images; K on the cached outputs of the first K stages
   eval_fn: Any
+  cache_seconds: float        # building (or opening) the feature cache; 0 without one
   steps: dict[int, steps_lib.TrainStep] = dataclasses.field(default_factory=dict)
 
   def plan_for_epoch(self, config, epoch: int) -> optim.FreezePlan:
@@ -164,17 +166,20 @@ def plan_training(inputs: Inputs, config, *, train_steps: int | None = None) -> 
   lr = config.optimizer.lr
   schedule = optim.make_schedule(config, budget.optimizer_steps_per_epoch, budget.total_steps,
                                  lr)
+  started = time.perf_counter()
   sources, start_stage = _batch_sources(inputs, config, plan)
+  cache_seconds = time.perf_counter() - started if start_stage else 0.0
   eval_fn = steps_lib.make_eval_step(model, mesh, num_classes=len(inputs.class_names),
                                      start_stage=start_stage)
-  return Training(plan, budget, schedule, sources[0], sources[1], start_stage, eval_fn)
+  return Training(plan, budget, schedule, sources[0], sources[1], start_stage, eval_fn,
+                  cache_seconds)
 
 
 def _batch_sources(inputs: Inputs, config, plan: optim.FreezePlan):
   """((train, eval) batch functions, start stage): cached features when the cache applies."""
   local = config.batch_size // jax.process_count()
   local_eval = config.eval_batch_size // jax.process_count()
-  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  shard = data_lib.Shard(jax.process_index(), jax.process_count())
   cache_plan, why = feature_cache.plan_cache(config, plan.frozen_stages)
   if cache_plan is None:
     log.info("feature cache not used: %s", why)
@@ -183,20 +188,19 @@ def _batch_sources(inputs: Inputs, config, plan: optim.FreezePlan):
     def train(epoch, start_step):
       return data_lib.train_batches(
           inputs.dataset, batch_size=local, preprocess=inputs.preprocess, augment=augment,
-          seed=config.seed, epoch=epoch, start_step=start_step,
-          num_classes=len(inputs.class_names), **shard)
+          seed=config.seed, epoch=epoch, start_step=start_step, shard=shard)
 
     def evaluate(split):
       return data_lib.eval_batches(inputs.dataset, split, batch_size=local_eval,
-                                   preprocess=inputs.preprocess, **shard)
+                                   preprocess=inputs.preprocess, shard=shard)
     return (train, evaluate), 0
   log.info("feature cache: %s", why)
   cache = feature_cache.open_cache(config, inputs.model, inputs.dataset, inputs.preprocess,
                                    cache_plan, inputs.mesh)
   cached = feature_cache.CachedBatches(cache, seed=config.seed)
   return ((lambda epoch, start_step: cached.train_epoch(
-              batch_size=local, epoch=epoch, start_step=start_step, **shard)),
-          (lambda split: cached.eval_split(split, batch_size=local_eval, **shard))), \
+              batch_size=local, epoch=epoch, start_step=start_step, shard=shard)),
+          (lambda split: cached.eval_split(split, batch_size=local_eval, shard=shard))), \
       cache_plan.stop_stage
 
 
@@ -344,7 +348,8 @@ def finish(inputs: Inputs, workdir: str, outcome: dict) -> dict:
                  total_params=int(P.count(params)), train_seconds=round(progress.train_seconds, 2),
                  steps=steps_trained, best_step=progress.best_step,
                  skipped_steps=progress.skipped_steps,
-                 feature_cache=training.start_stage > 0)
+                 feature_cache=training.start_stage > 0,
+                 feature_cache_seconds=round(training.cache_seconds, 2))
     if distributed.is_host0():
       _write_outputs(inputs, workdir, state, final, run_log)
     return final

@@ -140,7 +140,8 @@ def test_decoded_through_the_dataset_with_and_without_cache(tmp_path, odd_dir):
   root = _folder_with(str(tmp_path / "data"), odd_dir[0])
   expected = {item.name: item for item in odd_dir[1]}
   for cache in (False, True):
-    ds = data.open_dataset(f"folder:{root}", val_fraction=0.0, cache_decoded=cache)
+    ds = data.open_dataset(f"folder:{root}", val_fraction=0.0,
+                           options=data.DecodeOptions(cache_decoded=cache))
     table, images = ds.table("train"), ds.images("train")
     for i, path in enumerate(table.sources):
       item = expected[os.path.basename(path)]
@@ -188,7 +189,8 @@ def test_large_jpegs_are_decoded_downscaled_to_the_recorded_size(tmp_path):
     (tmp_path / cls).mkdir()
     Image.fromarray(photo).save(tmp_path / cls / "photo.jpg", quality=95,
                                 exif=image_corpus.exif_bytes(6))
-  ds = data.open_dataset(f"folder:{tmp_path}", val_fraction=0.0, decode_min_side=500)
+  ds = data.open_dataset(f"folder:{tmp_path}", val_fraction=0.0,
+                         options=data.DecodeOptions(decode_min_side=500))
   table = ds.table("train")
   # Stored 1200 x 1600, shown rotated: 1600 x 1200; 1200 / 2 = 600 >= 500 > 1200 / 4.
   assert (table.downscales[0], table.heights[0], table.widths[0]) == (2, 800, 600)

@@ -77,14 +77,14 @@ def test_split_folders_are_used_as_given(tmp_path):
 
 
 def _epoch(ds, augment, **kwargs):
-  args = dict(batch_size=4, preprocess=IDENTITY, augment=augment, seed=3, epoch=0,
-              num_classes=ds.num_classes)
+  args = dict(batch_size=4, preprocess=IDENTITY, augment=augment, seed=3, epoch=0)
   args.update(kwargs)
   return list(data.train_batches(ds, **args))
 
 
 def test_batches_are_deterministic_and_resume_exactly(indexed):
-  ds = data.open_dataset(f"folder:{indexed}", val_fraction=0.0, cache_decoded=False)
+  ds = data.open_dataset(f"folder:{indexed}", val_fraction=0.0,
+                         options=data.DecodeOptions(cache_decoded=False))
   full = _epoch(ds, HEAVY)
   assert len(full) == data.steps_per_epoch(ds, 4) == 15
   assert full[0]["image"].dtype == np.float32 and full[0]["label"].shape == (4, 3)
@@ -104,7 +104,7 @@ def test_batches_are_deterministic_and_resume_exactly(indexed):
 def test_process_shards_are_disjoint_and_cover_the_epoch(indexed):
   ds = data.open_dataset(f"folder:{indexed}", val_fraction=0.0)
   shards = [np.concatenate([ids_of(b["image"]) for b in
-                            _epoch(ds, NO_AUGMENT, process_index=p, process_count=3)])
+                            _epoch(ds, NO_AUGMENT, shard=data.Shard(p, 3))])
             for p in range(3)]
   steps = data.steps_per_epoch(ds, 12)
   assert steps == 5 and all(len(s) == steps * 4 for s in shards)
@@ -112,8 +112,8 @@ def test_process_shards_are_disjoint_and_cover_the_epoch(indexed):
   assert len(set(seen)) == len(seen)
   order = data.epoch_order(ds.num_examples("train"), 3, 0)[:steps * 12]
   assert set(seen) == set(file_ids(ds, "train")[order])
-  labels = np.concatenate([b["label"] for b in _epoch(ds, NO_AUGMENT, process_index=1,
-                                                      process_count=3)])
+  labels = np.concatenate([b["label"] for b in _epoch(ds, NO_AUGMENT,
+                                                      shard=data.Shard(1, 3))])
   assert labels.dtype == np.int32
   np.testing.assert_array_equal(labels, (shards[1] >= 10).astype(int) + (shards[1] >= 30))
 
@@ -126,7 +126,7 @@ def test_eval_batches_pad_and_mask(tmp_path):
   seen, padded = [], 0
   for p in range(3):
     batches = list(data.eval_batches(ds, "test", batch_size=3, preprocess=IDENTITY,
-                                     process_index=p, process_count=3))
+                                     shard=data.Shard(p, 3)))
     assert len(batches) == 2  # ceil(ceil(10 / 3) / 3): the same count on every process
     for b in batches:
       assert b["image"].shape == (3, 8, 8, 3) and b["mask"].dtype == bool
@@ -193,7 +193,7 @@ def test_tfds_source_under_mock_data(tmp_path):
     assert ds.num_examples("train") == 16 and ds.has_split("test")
     pp = data.Preprocess(image_size=16, crop_pct=1.0)
     batch = next(data.train_batches(ds, batch_size=8, preprocess=pp, augment=data.Augment(),
-                                    seed=0, epoch=0, num_classes=10))
+                                    seed=0, epoch=0))
     assert batch["image"].shape == (8, 16, 16, 3) and batch["label"].dtype == np.int32
     eval_batch = next(data.eval_batches(ds, "test", batch_size=8, preprocess=pp))
     assert eval_batch["mask"].all()

@@ -4,14 +4,14 @@ the tf.data pipelines that feed the JAX training loop.
 Importing this package first configures TensorFlow for CPU only (see tf_setup).
 """
 from jtl.data import tf_setup  # noqa: F401  (must precede any other TensorFlow use)
-from jtl.data.dataset import Dataset, open_dataset
+from jtl.data.dataset import Dataset, DecodeOptions, open_dataset
 from jtl.data.decode import (DEFAULT_DECODE_MIN_SIDE, DEFAULT_MAX_IMAGE_PIXELS,
                              IMAGE_EXTENSIONS)
 from jtl.data.pipeline import (epoch_order, eval_batches, eval_example_indices,
-                               hflip_decisions, steps_per_epoch, train_batches)
+                               hflip_decisions, Shard, steps_per_epoch, train_batches)
 from jtl.data.preprocess import Augment, Preprocess
 
-__all__ = ["Augment", "Dataset", "DEFAULT_DECODE_MIN_SIDE", "DEFAULT_MAX_IMAGE_PIXELS",
+__all__ = ["Augment", "Dataset", "DecodeOptions", "Shard", "DEFAULT_DECODE_MIN_SIDE", "DEFAULT_MAX_IMAGE_PIXELS",
            "IMAGE_EXTENSIONS", "Preprocess", "epoch_order", "eval_batches", "eval_example_indices",
            "hflip_decisions", "open_dataset",
            "steps_per_epoch", "train_batches"]

@@ -1,6 +1,7 @@
 """Opening a data source ("folder:PATH" or "tfds:NAME") into a Dataset of train/val/test splits."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -77,7 +78,7 @@ def _carve_and_subset(labels: np.ndarray, num_classes: int, has_val: bool, val_f
 
 
 def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_images, report_dir,
-                 max_image_pixels, scan_workers, cache_decoded, decode_min_side) -> Dataset:
+                 options: DecodeOptions) -> Dataset:
   if bad_images not in scan.BAD_IMAGE_POLICIES:
     raise DataError(f"bad_images must be one of {scan.BAD_IMAGE_POLICIES}, got {bad_images!r}")
   listing = folder.list_folder(root)
@@ -95,7 +96,7 @@ def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_image
   # folder is not paid for in full); it is done before anything trains.
   order = [s for s in SPLITS if s in split_files]
   all_paths = [p for s in order for p in split_files[s][0]]
-  results = scan.scan_files(all_paths, max_image_pixels, scan_workers)
+  results = scan.scan_files(all_paths, options.max_image_pixels, options.scan_workers)
   bad = [(p, r) for p, r in zip(all_paths, results) if isinstance(r, str)]
   scan.apply_bad_image_policy(bad, policy=bad_images, root=root, report_dir=report_dir)
 
@@ -106,7 +107,7 @@ def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_image
     start += len(split_paths)
     good = np.array([isinstance(r, decode.ImageInfo) for r in infos], bool).reshape(-1)
     infos = [r for r in infos if isinstance(r, decode.ImageInfo)]
-    downscales = np.array([decode.jpeg_downscale(r.height, r.width, decode_min_side)
+    downscales = np.array([decode.jpeg_downscale(r.height, r.width, options.decode_min_side)
                            if r.kind == decode.KIND_JPEG else 1 for r in infos], np.int32)
     heights = np.array([r.height for r in infos], np.int32)
     widths = np.array([r.width for r in infos], np.int32)
@@ -127,7 +128,7 @@ def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_image
   log.info("opened %s: %d classes, %s; %d of %d images decoded natively by TensorFlow", root,
            num_classes, {s: len(t) for s, t in tables.items()}, native,
            sum(len(t) for t in tables.values()))
-  return Dataset(f"folder:{root}", listing.class_names, tables, cache_decoded)
+  return Dataset(f"folder:{root}", listing.class_names, tables, options.cache_decoded)
 
 
 def _open_tfds(name: str, *, data_dir, val_fraction, seed, max_train_examples,
@@ -143,32 +144,37 @@ def _open_tfds(name: str, *, data_dir, val_fraction, seed, max_train_examples,
   return Dataset(f"tfds:{name}", class_names, ordered, cache_decoded)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """How images are scanned, decoded and kept (see open_dataset)."""
+  max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
+  cache_decoded: bool | None = None
+  scan_workers: int | None = None
+  decode_min_side: int = decode.DEFAULT_DECODE_MIN_SIDE
+
+
 def open_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1,
                  seed: int = 0, max_train_examples: int | None = None, bad_images: str = "fail",
                  report_dir: str | None = None,
-                 max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS,
-                 cache_decoded: bool | None = None, scan_workers: int | None = None,
-                 decode_min_side: int = decode.DEFAULT_DECODE_MIN_SIDE) -> Dataset:
+                 options: DecodeOptions = DecodeOptions()) -> Dataset:
   """Open "folder:PATH" or "tfds:NAME".
 
   val_fraction: share of each class carved (seeded, stratified) out of train when the source has
     no validation split; 0 leaves it without one.
   max_train_examples: a seeded, stratified subset of train (taken after carving val).
   bad_images (folders): "fail" raises one DataError (a ValueError) listing every unusable file;
-    "skip" drops them and writes report_dir/skipped_files.txt. max_image_pixels bounds
-    width * height.
-  cache_decoded: keep decoded images in memory; None decides by size (default_cache_budget_bytes).
-  decode_min_side (folders): JPEGs are decoded at 1/2, 1/4 or 1/8 scale when their short side
+    "skip" drops them and writes report_dir/skipped_files.txt.
+  options.max_image_pixels bounds width * height.
+  options.cache_decoded: keep decoded images in memory; None decides by size (default_cache_budget_bytes).
+  options.decode_min_side (folders): JPEGs are decoded at 1/2, 1/4 or 1/8 scale when their short side
     stays >= this; 0 decodes everything at full size.
   """
   kind, _, target = spec.partition(":")
   if kind == "folder" and target:
     return _open_folder(os.path.abspath(os.path.expanduser(target)), val_fraction=val_fraction,
                         seed=seed, max_train_examples=max_train_examples, bad_images=bad_images,
-                        report_dir=report_dir, max_image_pixels=max_image_pixels,
-                        scan_workers=scan_workers, cache_decoded=cache_decoded,
-                        decode_min_side=decode_min_side)
+                        report_dir=report_dir, options=options)
   if kind == "tfds" and target:
     return _open_tfds(target, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
-                      max_train_examples=max_train_examples, cache_decoded=cache_decoded)
+                      max_train_examples=max_train_examples, cache_decoded=options.cache_decoded)
   raise DataError(f"dataset spec must be 'folder:PATH' or 'tfds:NAME', got {spec!r}")

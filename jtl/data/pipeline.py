@@ -10,6 +10,7 @@ nothing because the order is sliced before anything is read.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import numpy as np
@@ -59,14 +60,22 @@ def _options() -> tf.data.Options:
   return options
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """This process's part of every global batch: process `index` of `count`."""
+  index: int = 0
+  count: int = 1
+
+
 def train_batches(ds: Dataset, *, batch_size: int, preprocess: Preprocess, augment: Augment,
-                  seed: int, epoch: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1, num_classes: int) -> Iterator[dict]:
+                  seed: int, epoch: int, start_step: int = 0, shard: Shard = Shard()
+                  ) -> Iterator[dict]:
   """One epoch of training batches for this process, from batch `start_step` on.
 
   Yields dict(image=float32 [B, S, S, 3], label=int32 [B]), or label=float32 [B, num_classes]
   soft labels when mixup or cutmix is on. B is the per-process batch_size.
   """
+  process_index, process_count, num_classes = shard.index, shard.count, ds.num_classes
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   images = ds.images("train")
@@ -117,8 +126,8 @@ def train_batches(ds: Dataset, *, batch_size: int, preprocess: Preprocess, augme
 
 
 def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Preprocess,
-                 process_index: int = 0, process_count: int = 1, view: int = 0,
-                 augment: Augment | None = None, seed: int = 0) -> Iterator[dict]:
+                 shard: Shard = Shard(), view: int = 0, augment: Augment | None = None,
+                 seed: int = 0) -> Iterator[dict]:
   """Every example of `split` exactly once across processes, in a fixed order.
 
   Process p takes examples p, p + P, p + 2P, ... (see `eval_example_indices`); every process
@@ -134,7 +143,7 @@ def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Prepro
   n = images.size
   if n == 0:
     return
-  indices = eval_example_indices(n, batch_size, process_index, process_count)
+  indices = eval_example_indices(n, batch_size, shard.index, shard.count)
   size = preprocess.image_size
   view_key = _base_key(seed, view, _VIEW_STREAM)
 

@@ -49,12 +49,12 @@ def write_synthetic(root: str, fmt: str, count: int, size=(480, 640)) -> str:
 def measure(spec: str, *, image_size: int, batch_size: int, max_batches: int,
             cache_decoded: bool | None, augment: data.Augment, decode_min_side: int) -> dict:
   start = time.perf_counter()
-  ds = data.open_dataset(spec, val_fraction=0.0, cache_decoded=cache_decoded,
-                         decode_min_side=decode_min_side)
+  ds = data.open_dataset(spec, val_fraction=0.0, options=data.DecodeOptions(
+      cache_decoded=cache_decoded, decode_min_side=decode_min_side))
   open_s = time.perf_counter() - start
   pp = data.Preprocess(image_size=image_size)
   batches = data.train_batches(ds, batch_size=batch_size, preprocess=pp, augment=augment, seed=0,
-                               epoch=0, num_classes=ds.num_classes)
+                               epoch=0)
   next(batches)  # the first batch pays for tracing (and for filling the cache)
   first_s = time.perf_counter() - start - open_s
   start, cpu_start, images = time.perf_counter(), time.process_time(), 0
