@@ -4,7 +4,6 @@ before it; with none intact the error names them all and nothing is deleted."""
 from __future__ import annotations
 
 import gc
-import glob
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from damage import flip_byte, largest_data_file, truncate
 from jtl.checkpoint import DIGEST_KEY, CheckpointDamagedError, Checkpoints
 from jtl.errors import UserError
 
@@ -45,26 +45,6 @@ def _save(workdir, steps, *, best=False):
   checkpoints.close()
 
 
-def _data_file(workdir, which, step):
-  """The largest file TensorStore wrote for the state of `step`: the big array's chunk."""
-  files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", which, str(step), "state",
-                                             "**", "*"), recursive=True) if os.path.isfile(f)]
-  return max(files, key=os.path.getsize)
-
-
-def _truncate(path):
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
-
-
-def _flip_byte(path):
-  with open(path, "r+b") as f:
-    f.seek(os.path.getsize(path) // 2)
-    byte = f.read(1)
-    f.seek(-1, os.SEEK_CUR)
-    f.write(bytes([byte[0] ^ 0xFF]))
-
-
 def _assert_state(state, step):
   expected = _state(step)
   assert int(state["step"]) == step
@@ -84,9 +64,9 @@ def workdir(tmp_path):
   return path
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip_byte], ids=["truncated", "flipped"])
+@pytest.mark.parametrize("damage", [truncate, flip_byte], ids=["truncated", "flipped"])
 def test_damaged_latest_is_set_aside_and_the_one_before_restored(workdir, damage, caplog):
-  damage(_data_file(workdir, "latest", 3))
+  damage(largest_data_file(workdir, "latest", 3))
   checkpoints = Checkpoints(workdir)
   with caplog.at_level(logging.WARNING):
     restored = checkpoints.load(_state(0))
@@ -100,14 +80,14 @@ def test_damaged_latest_is_set_aside_and_the_one_before_restored(workdir, damage
   assert "latest step 3" in warning and moved in warning and "\n" not in warning
   # The reason in one line: TensorStore's read error, or the digest of wrong values.
   assert "OUT_OF_RANGE" in warning or "DATA_LOSS" in warning or "digest" in warning, warning
-  if damage is _truncate:
+  if damage is truncate:
     assert "OUT_OF_RANGE" in warning
   checkpoints.close()
 
 
 def test_every_checkpoint_damaged_names_them_all_and_deletes_nothing(workdir):
   for step in (1, 2, 3):
-    _truncate(_data_file(workdir, "latest", step))
+    truncate(largest_data_file(workdir, "latest", step))
   checkpoints = Checkpoints(workdir)
   with pytest.raises(CheckpointDamagedError) as e:
     checkpoints.load(_state(0))
@@ -124,7 +104,7 @@ def test_every_checkpoint_damaged_names_them_all_and_deletes_nothing(workdir):
 def test_damaged_best_falls_back_to_the_previous_best(tmp_path, caplog):
   workdir = str(tmp_path / "run")
   _save(workdir, [1, 2], best=True)
-  _flip_byte(_data_file(workdir, "best", 2))
+  flip_byte(largest_data_file(workdir, "best", 2))
   checkpoints = Checkpoints(workdir)
   with caplog.at_level(logging.WARNING):
     state, meta = checkpoints.restore(_state(0), which="best")

@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import run_helpers as rh
+from damage import flip_byte, largest_data_file, truncate
 from conftest import tiny_config, write_image_folder
 from jtl import train
 from jtl.checkpoint import CheckpointDamagedError
@@ -109,34 +110,14 @@ def interrupted(data, tmp_path_factory, jax_cache):
   return workdir, config
 
 
-def _largest_data_file(workdir, step):
-  files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", "latest", str(step),
-                                             "state", "**", "*"), recursive=True)
-           if os.path.isfile(f)]
-  return max(files, key=os.path.getsize)
-
-
-def _truncate(path):
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
-
-
-def _flip_byte(path):
-  with open(path, "r+b") as f:
-    f.seek(os.path.getsize(path) // 2)
-    byte = f.read(1)
-    f.seek(-1, os.SEEK_CUR)
-    f.write(bytes([byte[0] ^ 0xFF]))
-
-
-@pytest.mark.parametrize("damage", [_truncate, _flip_byte])
+@pytest.mark.parametrize("damage", [truncate, flip_byte])
 def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(
     interrupted, tmp_path, caplog, damage):
   source, config = interrupted
   damaged, reference = str(tmp_path / "damaged"), str(tmp_path / "reference")
   shutil.copytree(source, damaged)
   shutil.copytree(source, reference)
-  damage(_largest_data_file(damaged, 9))
+  damage(largest_data_file(damaged, "latest", 9))
   shutil.rmtree(os.path.join(reference, "checkpoints", "latest", "9"))  # resumes from 6
   caplog.set_level(logging.INFO)
   train.train_and_evaluate(config, damaged)
@@ -152,7 +133,7 @@ def test_every_checkpoint_damaged_is_one_error_and_nothing_is_deleted(interrupte
   workdir = str(tmp_path / "run")
   shutil.copytree(source, workdir)
   for step in (6, 9):
-    _truncate(_largest_data_file(workdir, step))
+    truncate(largest_data_file(workdir, "latest", step))
   before = sorted(os.path.getsize(f) for f in glob.glob(os.path.join(workdir, "checkpoints",
                                                                      "**", "*"), recursive=True)
                   if os.path.isfile(f))
@@ -170,7 +151,7 @@ def test_the_cli_ends_with_the_one_error_line_and_no_shutdown_noise(interrupted,
   workdir = str(tmp_path / "run")
   shutil.copytree(source, workdir)
   for step in (6, 9):
-    _truncate(_largest_data_file(workdir, step))
+    truncate(largest_data_file(workdir, "latest", step))
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
       "import sys\n"
