@@ -14,11 +14,13 @@ head) the engine's step from `jtl.steps.make_train_step` is compiled twice: on i
 the cache removes exactly the frozen forward pass. Batch 32, 10 classes, random weights.
 Seconds per step are measured in one run, image and cached step of a depth back to back, with
 the load and the CPU other jobs took; compare rows of one run, not figures across machines.
-Results go to the "freeze_costs" key of bench/results.json.
+Results go to the "freeze_costs" key of bench/results.json (rows of models not measured in this
+run are kept from the last one).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -66,6 +68,7 @@ def measure(model, depth: int, res: int, start_stage: int, args) -> dict:
 def depth_row(model, depth: int, res: int, args) -> dict:
   stage_names = model.stage_names
   row = {"model": model.name, "res": res, "batch": BATCH, "freeze_depth": depth,
+         "date": machine.now(),
          "frozen": list(stage_names[:depth]), "load_1min_start": machine.load_1min(),
          "prefix_flops": prefix_flops(model, depth, res, BATCH),
          "images": measure(model, depth, res, 0, args)}
@@ -113,6 +116,16 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def kept_rows(path: str, measured: set) -> list[dict]:
+  """Earlier rows of the models not measured now (each row carries its own date and load), so
+  that one model can be measured again on its own when the machine is quiet."""
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    earlier = json.load(f).get("freeze_costs", {}).get("rows", [])
+  return [r for r in earlier if (r["model"], r["res"]) not in measured]
+
+
 def parse_models(text: str) -> list[tuple[str, int]]:
   """"model:res,..." -> [(model, res)]."""
   out = []
@@ -147,7 +160,9 @@ def main(argv=None) -> int:
   machine.update_results({"freeze_costs": {
       "date": machine.now(), "machine": machine.describe(), "batch": BATCH,
       "timed_steps": None if args.no_time else args.steps, "warmup_steps": args.warmup,
-      "load_average_end": list(os.getloadavg()), "rows": rows}}, args.out)
+      "load_average_end": list(os.getloadavg()),
+      "rows": sorted(kept_rows(args.out, set(models)) + rows,
+                     key=lambda r: (r["model"], r["res"], r["freeze_depth"]))}}, args.out)
   print(f"wrote {args.out}")
   return 0
 

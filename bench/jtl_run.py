@@ -35,6 +35,7 @@ def run_main(config: str, workdir: str, overrides: dict, *, cache_dir: str | Non
   wall = time.perf_counter() - start
   with open(workdir + ".log", "w") as f:  # the run's own log, timestamped: where the time went
     f.write(done.stderr)
+  shutil.rmtree(cache_dir, ignore_errors=True)  # never reused, and hundreds of MB
   if done.returncode != 0:
     raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n"
                        + (done.stderr or done.stdout)[-3000:])
