@@ -244,13 +244,8 @@ class CachedBatches:
   def train_epoch(self, *, batch_size: int, epoch: int, start_step: int = 0,
                   shard: data_lib.Shard = data_lib.Shard()) -> Iterator[dict]:
     """The batches `data.train_batches` would give this process, as features."""
-    process_index, process_count = shard.index, shard.count
     features, labels = self.cache.features["train"], self.cache.labels["train"]
-    n = len(labels)
-    global_batch = batch_size * process_count
-    steps_per_epoch = n // global_batch
-    order = data_lib.epoch_order(n, self.seed, epoch)[:steps_per_epoch * global_batch]
-    mine = order.reshape(steps_per_epoch, process_count, batch_size)[start_step:, process_index]
+    mine = data_lib.epoch_batches(len(labels), batch_size, self.seed, epoch, start_step, shard)
     views = self._views(epoch, mine.reshape(-1)).reshape(mine.shape)
     for indices, view in zip(mine, views):
       yield {"image": np.asarray(features[view, indices]), "label": labels[indices]}

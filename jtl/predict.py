@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from jtl import data as data_lib  # first: configures TensorFlow before anything else uses it
 from jtl import cli_errors, export
+from jtl.data import folder
 from jtl.data.errors import DataError, DataFileNotFoundError
 from jtl.data.preprocess import Preprocess, load_eval_image
 from jtl.models import create_model, registry
@@ -38,23 +39,12 @@ DEFAULT_BATCH_SIZE = 32
 # ---------------------------------------------------------------------------------------------
 # What to predict on, and with what.
 
-def _folder_images(root: str) -> list[str]:
-  """Image files under root, recursively and sorted; hidden files and folders are skipped, as
-  jtl.data.folder skips them when it lists a dataset."""
-  found = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
-    found += [os.path.join(dirpath, name) for name in filenames if not name.startswith(".")
-              and os.path.splitext(name)[1].lower() in data_lib.IMAGE_EXTENSIONS]
-  return sorted(found)
-
-
 def image_paths(args: Sequence[str]) -> list[str]:
   """Files as given and the image files of folders, in order; every missing path is named."""
   paths, missing = [], []
   for arg in args:
     if os.path.isdir(arg):
-      found = _folder_images(arg)
+      found, _ = folder.image_files(arg)  # the dataset reader's own listing
       if not found:
         raise DataError(f"{arg}: folder holds no image files "
                         f"({' '.join(data_lib.IMAGE_EXTENSIONS)}, any case)")

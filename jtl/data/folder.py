@@ -38,7 +38,7 @@ def _subfolders(path: str) -> list[str]:
     return sorted(e.name for e in entries if e.is_dir() and not _ignored(e.name))
 
 
-def _image_files(class_dir: str) -> tuple[list[str], int]:
+def image_files(class_dir: str) -> tuple[list[str], int]:
   """Sorted image paths under class_dir (recursively) and the number of other files ignored."""
   found, other = [], 0
   for dirpath, dirnames, filenames in os.walk(class_dir):
@@ -61,7 +61,7 @@ def _list_split(split_dir: str, class_names: tuple[str, ...], split: str):
     if name not in index:
       raise DataError(f"class folder {class_dir} of the {split} split has no counterpart among "
                       f"the training classes {list(class_names)}")
-    paths, other = _image_files(class_dir)
+    paths, other = image_files(class_dir)
     ignored += other
     if not paths:
       raise DataError(f"class folder {class_dir} holds no image files "

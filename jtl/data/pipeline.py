@@ -38,6 +38,17 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch, _ORDER_STREAM]).permutation(num_examples)
 
 
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
+                  start_step: int = 0, shard: "Shard | None" = None) -> np.ndarray:
+  """The example indices of this process's batches of `epoch` from batch `start_step` on,
+  [steps left, batch_size]: the one rule the image pipeline and the feature cache share."""
+  shard = shard or Shard()
+  global_batch = batch_size * shard.count
+  steps = num_examples // global_batch
+  order = epoch_order(num_examples, seed, epoch)[:steps * global_batch]
+  return order.reshape(steps, shard.count, batch_size)[start_step:, shard.index]
+
+
 def _base_key(seed: int, epoch: int, stream: int) -> tf.Tensor:
   key = tf.constant([seed, epoch], tf.int64)
   return tf.random.experimental.stateless_fold_in(key, stream)
@@ -79,10 +90,8 @@ def train_batches(ds: Dataset, *, batch_size: int, preprocess: Preprocess, augme
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   images = ds.images("train")
-  global_batch = batch_size * process_count
-  steps = steps_per_epoch(ds, global_batch)
-  order = epoch_order(images.size, seed, epoch)[:steps * global_batch]
-  mine = order.reshape(steps, process_count, batch_size)[start_step:, process_index].reshape(-1)
+  steps_per_epoch(ds, batch_size * process_count)  # raises when not one global batch fits
+  mine = epoch_batches(images.size, batch_size, seed, epoch, start_step, shard).reshape(-1)
   example_key = _base_key(seed, epoch, _EXAMPLE_STREAM)
   batch_key = _base_key(seed, epoch, _BATCH_STREAM)
   key_spec = tf.TensorSpec([2], example_key.dtype)
