@@ -35,7 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from jtl import config as config_lib  # noqa: E402
 
-METRICS = ("test_accuracy", "test_macro_f1", "trainable_params", "train_seconds")
+METRICS = ("trainable_params", "step_seconds", "images_per_second", "train_seconds",
+           "wall_seconds", "best_val", "test_accuracy", "test_macro_f1")
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
 
 
@@ -221,9 +222,9 @@ def write_summary(rows: Sequence[dict], grid_keys: Sequence[str], out_dir: str) 
   def cell(key, value):
     if value is None:
       return "-"
-    if key in ("test_accuracy", "test_macro_f1"):
+    if key in ("test_accuracy", "test_macro_f1", "best_val", "step_seconds"):
       return f"{value:.4f}"
-    if key == "train_seconds":
+    if key in ("train_seconds", "wall_seconds", "images_per_second"):
       return f"{value:.1f}"
     return str(value)
 

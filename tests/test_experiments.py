@@ -58,12 +58,18 @@ def test_grid_summary_comes_from_each_runs_final_metrics_and_a_rerun_skips_them(
     assert float(row["test_macro_f1"]) == final["test_macro_f1"]
     assert int(row["trainable_params"]) == final["trainable_params"]
     assert float(row["train_seconds"]) == final["train_seconds"]
+    for key in ("step_seconds", "images_per_second", "wall_seconds", "best_val"):
+      assert float(row[key]) == final[key], key
+    assert final["wall_seconds"] > final["train_seconds"] > 0
+    # train_seconds is rounded to 10 ms in the file: 2% slack.
+    assert final["images_per_second"] == pytest.approx(
+        final["steps"] * base.batch_size / final["train_seconds"], rel=0.02)
     assert row["status"] == "done"
   # Freezing stem and stage1 leaves fewer parameters to train.
   assert int(rows[1]["trainable_params"]) < int(rows[0]["trainable_params"])
   with open(os.path.join(out, "summary.md")) as f:
     table = f.read().splitlines()
-  assert table[0].startswith("| freeze_depth | optimizer.lr | test_accuracy")
+  assert table[0].startswith("| freeze_depth | optimizer.lr | trainable_params | step_seconds")
   assert len(table) == 2 + 2
   assert os.path.getsize(os.path.join(out, "ablation.png")) > 0
 
