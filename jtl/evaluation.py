@@ -9,6 +9,7 @@ import numpy as np
 
 from jtl import distributed
 from jtl import metrics as metrics_lib
+from jtl.data.pipeline import eval_example_indices
 
 _GATHERED = ("loss", "pred", "label", "top5", "logits")
 
@@ -25,17 +26,37 @@ def predictions(eval_fn, state, batches: Iterable[dict], mesh) -> dict[str, np.n
   return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in outputs.items()}
 
 
-def evaluate(eval_fn, state, batches: Iterable[dict], mesh, class_names: Sequence[str]) -> dict:
-  """The classification report (accuracy, top-5, macro P/R/F1, per class, confusion matrix)."""
+def example_indices(num_examples: int, local_batch_size: int, process_count: int = 1
+                    ) -> np.ndarray:
+  """The example index of each row `predictions` returns for batches of data.eval_batches (or
+  the feature cache's eval_split): a global batch holds process 0's local rows, then process
+  1's, ..., each process's slots per data.eval_example_indices, and padding is dropped. On one
+  process that is 0, 1, 2, ...; on several it is not."""
+  per_process = [eval_example_indices(num_examples, local_batch_size, p, process_count)
+                 .reshape(-1, local_batch_size) for p in range(process_count)]
+  rows = np.concatenate(per_process, axis=1).reshape(-1)
+  return rows[rows >= 0]
+
+
+def evaluate(eval_fn, state, batches: Iterable[dict], mesh, class_names: Sequence[str], *,
+             keep_predictions: bool = False) -> dict:
+  """The classification report (accuracy, top-5, macro P/R/F1, per class, confusion matrix).
+
+  keep_predictions adds the per-example arrays under "predictions" (the final evaluation's error
+  analysis reuses them instead of evaluating twice)."""
   arrays = predictions(eval_fn, state, batches, mesh)
-  return metrics_lib.classification_report(arrays["label"], arrays["pred"], arrays["top5"],
-                                           arrays["loss"], class_names)
+  result = metrics_lib.classification_report(arrays["label"], arrays["pred"], arrays["top5"],
+                                             arrays["loss"], class_names)
+  if keep_predictions:
+    result["predictions"] = arrays
+  return result
 
 
 def final_metrics(result: dict, split: str, prefix: str = "test_") -> dict:
   """The final_metrics.json fields of a report on `split`."""
   final = {"split": split}
-  for key in ("accuracy", "top5", "loss", "macro_precision", "macro_recall", "macro_f1"):
+  for key in ("accuracy", "top5", "loss", "macro_precision", "macro_recall", "macro_f1",
+              "balanced_accuracy"):
     final[f"{prefix}{key}"] = result[key]
   final["per_class"] = result["per_class"]
   final["confusion_matrix"] = result["confusion_matrix"]

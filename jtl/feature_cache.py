@@ -237,15 +237,17 @@ class _Builder:
 class CachedBatches:
   """Batches of cached features, in the order and shards of the image pipeline."""
 
-  def __init__(self, cache: FeatureCache, *, seed: int):
+  def __init__(self, cache: FeatureCache, *, seed: int, balanced: bool = False):
     self.cache = cache
     self.seed = seed
+    self.balanced = balanced  # class-balanced epochs (config.balanced_sampling)
 
   def train_epoch(self, *, batch_size: int, epoch: int, start_step: int = 0,
                   shard: data_lib.Shard = data_lib.Shard()) -> Iterator[dict]:
     """The batches `data.train_batches` would give this process, as features."""
     features, labels = self.cache.features["train"], self.cache.labels["train"]
-    mine = data_lib.epoch_batches(len(labels), batch_size, self.seed, epoch, start_step, shard)
+    mine = data_lib.epoch_batches(len(labels), batch_size, self.seed, epoch, start_step, shard,
+                                  labels if self.balanced else None)
     views = self._views(epoch, mine.reshape(-1)).reshape(mine.shape)
     for indices, view in zip(mine, views):
       yield {"image": np.asarray(features[view, indices]), "label": labels[indices]}

@@ -1,7 +1,8 @@
 """The loop's hooks: what happens around the steps, one concern each.
 
 Order matters where one hook reads what another decided: Evaluation (which sets `loop.is_best`
-and may stop the run) comes before Checkpointing (which saves with that flag).
+and may stop the run) comes before PlateauSchedule (which reads its result) and both before
+Checkpointing (which saves with that flag, and the plateau state in the train state).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from jtl import distributed
 from jtl.loop import Hook, Loop
 
 log = logging.getLogger(__name__)
@@ -25,10 +27,11 @@ class ScalarLog(Hook):
   def __init__(self, run_log, schedule, *, every_steps: int, grad_accum_steps: int):
     self.run_log, self.schedule = run_log, schedule
     self.every, self.accum = every_steps, grad_accum_steps
+    self.lr_scale: Callable[[], float] = lambda: 1.0  # PlateauSchedule's, when there is one
 
   def learning_rate(self, step: int) -> float:
     # The schedule counts optimizer steps; with accumulation, `accum` batches make one.
-    return float(self.schedule(step // self.accum))
+    return float(self.schedule(step // self.accum)) * self.lr_scale()
 
   def on_step(self, loop, step, metrics):
     if step % self.every == 0:
@@ -83,25 +86,38 @@ def improved(metric: str, value: float, best: float | None, min_delta: float) ->
   return value > best + min_delta
 
 
+EVAL_ROW_KEYS = ("loss", "accuracy", "top5", "macro_f1", "balanced_accuracy")
+
+
 class Evaluation(Hook):
   """Evaluates on the validation split when the budget says so, records it, tracks the best
-  model and stops the run early after `patience` evaluations without improvement."""
+  model and stops the run early after `patience` evaluations without improvement.
+
+  evaluate_ema (model EMA on): the EMA weights are evaluated beside the raw ones and recorded
+  as ema_* in the same row; the best checkpoint and early stopping follow the raw weights (the
+  final evaluation then picks the better of the two in that checkpoint)."""
 
   def __init__(self, evaluate: Callable[[object], dict], run_log, learning_rate, *,
-               metric: str, patience: int, min_delta: float):
+               metric: str, patience: int, min_delta: float,
+               evaluate_ema: Callable[[object], dict] | None = None):
     self.evaluate, self.run_log, self.learning_rate = evaluate, run_log, learning_rate
     self.metric, self.patience, self.min_delta = metric, patience, min_delta
+    self.evaluate_ema = evaluate_ema
+    self.latest: tuple[int, float] | None = None  # (step, metric value) of the last evaluation
 
   def on_epoch_end(self, loop, stats):
     p = loop.progress
     if not loop.budget.evaluates_after(p.epoch):
       return
     result = self.evaluate(loop.state)
-    self.run_log.record({"step": loop.step, "epoch": p.epoch, "split": "val",
-                         "loss": result["loss"], "accuracy": result["accuracy"],
-                         "top5": result["top5"], "macro_f1": result["macro_f1"],
-                         "learning_rate": self.learning_rate(loop.step)})
+    row = {"step": loop.step, "epoch": p.epoch, "split": "val",
+           **{k: result[k] for k in EVAL_ROW_KEYS}}
+    if self.evaluate_ema is not None:
+      ema = self.evaluate_ema(loop.state)
+      row.update({f"ema_{k}": ema[k] for k in EVAL_ROW_KEYS})
+    self.run_log.record({**row, "learning_rate": self.learning_rate(loop.step)})
     value = result[self.metric[len("val_"):]]
+    self.latest = (loop.step, value if np.isfinite(result["loss"]) else float("nan"))
     # A model whose validation loss is not finite has diverged, whatever its accuracy.
     if np.isfinite(result["loss"]) and improved(self.metric, value, p.best, self.min_delta):
       p.best, p.best_step, p.bad_evals = value, loop.step, 0
@@ -112,6 +128,44 @@ class Evaluation(Hook):
       log.info("early stopping: %s did not improve for %d evaluations", self.metric,
                p.bad_evals)
       loop.request_stop()
+
+
+class PlateauSchedule(Hook):
+  """schedule.name=reduce_on_plateau: after each evaluation, optax's reduce_on_plateau rule
+  reads the early-stopping metric (negated when higher is better: the rule minimises; a
+  diverged model counts as no better) and updates its state in the train state, whose scale
+  the compiled step applies to every update. The host keeps the scale too (`scale`), so the
+  logged learning rate is the applied one without reading the device every step."""
+
+  def __init__(self, evaluation: Evaluation, rule, mesh, *, higher_is_better: bool):
+    self.evaluation, self.rule, self.mesh = evaluation, rule, mesh
+    self.sign = -1.0 if higher_is_better else 1.0
+    self.scale: float | None = None  # read from the (perhaps resumed) state at the start
+
+  def current_scale(self) -> float:
+    return 1.0 if self.scale is None else self.scale
+
+  def on_epoch_start(self, loop):
+    if self.scale is None:
+      self.scale = float(_host(loop.state.plateau).scale)
+
+  def on_epoch_end(self, loop, stats):
+    latest = self.evaluation.latest
+    if latest is None or latest[0] != loop.step:
+      return
+    value = self.sign * latest[1] if np.isfinite(latest[1]) else np.inf
+    _, plateau = self.rule.update(None, _host(loop.state.plateau), value=value)
+    plateau = jax.device_get(plateau)
+    if float(plateau.scale) != self.scale:
+      log.info("reduce_on_plateau: the learning rate is now %g x its base",
+               float(plateau.scale))
+    self.scale = float(plateau.scale)
+    loop.state = loop.state.replace(plateau=distributed.replicate(plateau, self.mesh))
+
+
+def _host(tree):
+  """Host copies of a replicated tree (every host holds every value)."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
 class Checkpointing(Hook):

@@ -18,7 +18,9 @@ def classification_report(labels: np.ndarray, preds: np.ndarray, top5_correct: n
   """Accuracy, top-5, macro precision/recall/F1, per-class figures and the confusion matrix.
 
   Classes with no predictions get precision 0 (and no support gives recall 0), as
-  scikit-learn does with zero_division=0.
+  scikit-learn does with zero_division=0. balanced_accuracy is the mean recall over the classes
+  present in `labels` (scikit-learn's balanced_accuracy_score); it differs from macro_recall only
+  when a class has no example in the split.
   """
   num_classes = len(class_names)
   cm = confusion_matrix(labels, preds, num_classes)
@@ -30,10 +32,13 @@ def classification_report(labels: np.ndarray, preds: np.ndarray, top5_correct: n
   denom = precision + recall
   f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
   n = max(len(labels), 1)
+  present = support > 0
+  balanced = float(recall[present].mean()) if present.any() else 0.0
   return {
       "loss": float(np.sum(losses) / n),
       "accuracy": float(tp.sum() / n),
       "top5": float(np.sum(top5_correct) / n),
+      "balanced_accuracy": balanced,
       "macro_precision": float(precision.mean()),
       "macro_recall": float(recall.mean()),
       "macro_f1": float(f1.mean()),

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jtl import params as P
+from jtl.pruning import magnitude
 
 FROZEN = "frozen"
 
@@ -91,7 +92,8 @@ def unfreeze_stages(plan: FreezePlan, extra: int) -> FreezePlan:
 
 def make_schedule(config, steps_per_epoch: int, total_steps: int | None = None,
                   lr: float | None = None) -> optax.Schedule:
-  """Learning rate per optimizer step: constant, warmup_cosine or step (decay at given epochs).
+  """Learning rate per optimizer step: constant, warmup_cosine, step (decay at given epochs),
+  one_cycle, or reduce_on_plateau (constant here; `plateau_rule` scales it at evaluations).
 
   total_steps: the run's budget (None: num_epochs epochs); lr: the peak (None: optimizer.lr).
   """
@@ -99,7 +101,7 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int | None = None,
   sched = config.schedule
   total = max(total_steps or config.num_epochs * steps_per_epoch, 1)
   warmup = int(sched.warmup_epochs * steps_per_epoch)
-  if sched.name == "constant":
+  if sched.name in ("constant", "reduce_on_plateau"):
     base = optax.constant_schedule(lr)
   elif sched.name == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), max(total, warmup + 1),
@@ -107,11 +109,32 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int | None = None,
   elif sched.name == "step":
     boundaries = {int(e * steps_per_epoch): sched.decay_factor for e in sched.decay_epochs}
     base = optax.piecewise_constant_schedule(lr, boundaries)
+  elif sched.name == "one_cycle":  # its own rise (pct_start) replaces the warmup
+    return optax.cosine_onecycle_schedule(total, lr, pct_start=sched.pct_start,
+                                          div_factor=sched.div_factor,
+                                          final_div_factor=sched.final_div_factor)
   else:
-    raise ValueError(f"schedule.name must be constant, warmup_cosine or step, got {sched.name!r}")
+    raise ValueError(f"schedule.name must be constant, warmup_cosine, step, one_cycle or "
+                     f"reduce_on_plateau, got {sched.name!r}")
   if warmup > 0:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), base], [warmup])
   return base
+
+
+def plateau_rule(config) -> optax.GradientTransformationExtraArgs:
+  """schedule.name=reduce_on_plateau's rule, fed one value per evaluation (to minimise).
+
+  "Better" is what early stopping counts as better: by more than early_stopping.min_delta
+  (optax needs a positive tolerance; 1e-12 is "strictly better" at float32 precision)."""
+  s = config.schedule
+  return optax.contrib.reduce_on_plateau(
+      factor=s.plateau_factor, patience=s.plateau_patience, cooldown=s.plateau_cooldown,
+      min_scale=s.min_lr_factor, rtol=0.0, atol=max(config.early_stopping.min_delta, 1e-12))
+
+
+def initial_plateau_state(params) -> optax.contrib.ReduceLROnPlateauState:
+  """The rule's state before any evaluation (scale 1); its settings do not enter it."""
+  return optax.contrib.reduce_on_plateau().init(params)
 
 
 def _decay_mask(params):
@@ -134,7 +157,8 @@ def _base_optimizer(config, learning_rate) -> optax.GradientTransformation:
 
 def make_optimizer(config, plan: FreezePlan, params, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
-  """The full update rule: zero frozen grads, clip, per-stage optimizer, accumulation."""
+  """The full update rule: zero frozen grads, clip, per-stage optimizer, pruning masks
+  (config.pruning), accumulation."""
   label_tree = plan.label_tree(params)
   present = sorted(set(plan.labels.values()))
   stages = [s for s in plan.stage_names if s in present]
@@ -152,6 +176,10 @@ def make_optimizer(config, plan: FreezePlan, params, schedule: optax.Schedule
   if config.optimizer.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(config.optimizer.grad_clip_norm))
   chain.append(optax.multi_transform(transforms, label_tree))
+  if config.pruning.sparsity > 0:  # last: whatever came before, pruned weights stay 0.0
+    trainable = [n for n, label in plan.labels.items() if label != FROZEN]
+    chain.append(magnitude.from_config(config.pruning, magnitude.prunable_names(params,
+                                                                                trainable)))
   tx = optax.chain(*chain)
   if config.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)

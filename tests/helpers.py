@@ -19,6 +19,15 @@ from jtl.models import registry
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
+# final_metrics.json fields that time the run: they differ between two otherwise identical runs.
+TIMING_KEYS = ("train_seconds", "wall_seconds", "step_seconds", "images_per_second",
+               "feature_cache_seconds")
+
+
+def without_timings(final: dict) -> dict:
+  return {k: v for k, v in final.items() if k not in TIMING_KEYS}
+
+
 def fixture_input(size: int, batch: int = 2) -> np.ndarray:
   """The NHWC input that tests/fixtures/make_{resnet,vgg,vit}.py fed the reference models."""
   n = batch * size * size * 3

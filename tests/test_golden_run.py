@@ -20,6 +20,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import run_helpers as rh
+from helpers import without_timings
 from conftest import tiny_config, write_image_folder
 from jtl.loop import Hook
 from jtl import checkpoint as checkpoint_lib
@@ -180,8 +181,7 @@ def test_restarted_run_ends_bit_identical_to_the_straight_run(golden):
   for workdir in (straight, crashed):
     with open(os.path.join(workdir, "final_metrics.json")) as f:
       final = json.load(f)
-    final.pop("train_seconds")
-    finals.append(final)
+    finals.append(without_timings(final))
   assert finals[0] == finals[1], WHY
   exported = [load_file(os.path.join(w, "export", "model.safetensors"))
               for w in (straight, crashed)]

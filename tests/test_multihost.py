@@ -11,6 +11,7 @@ import os
 import pytest
 
 import run_helpers as rh
+from helpers import without_timings
 from conftest import write_image_folder
 
 # 27 train images: 3 global steps of 8 per epoch, 4 examples per host and step.
@@ -68,8 +69,7 @@ def test_both_hosts_joined_one_run(hosts):
       with open(os.path.join(hosts[run], f"result.p{i}.json")) as f:
         results.append(json.load(f))
       assert results[-1]["process_count"] == HOSTS and results[-1]["device_count"] == HOSTS
-    for result in results:
-      result.pop("train_seconds", None)
+    results = [without_timings(r) for r in results]
     assert results[0] == results[1]  # the same stop step; the same gathered evaluation
   assert results[0]["steps"] == 6
 

@@ -250,15 +250,17 @@ def _decode_jpeg(data: tf.Tensor, downscale: tf.Tensor) -> tf.Tensor:
 
 
 def decode_tf(data: tf.Tensor, kind: tf.Tensor, orientation: tf.Tensor,
-              downscale: tf.Tensor | int = 1) -> tf.Tensor:
+              downscale: tf.Tensor | int = 1, *, with_pil: bool = True) -> tf.Tensor:
   """Encoded bytes (scalar tf.string) -> uint8 [H, W, 3], by the kind the scan recorded; JPEGs
-  at 1 / downscale of their size (1, 2, 4 or 8; rounded up like libjpeg)."""
+  at 1 / downscale of their size (1, 2, 4 or 8; rounded up like libjpeg). with_pil=False leaves
+  out the Pillow branch, for graphs that are saved (a numpy_function cannot be serialised, and
+  TF Serving has no PyFunc op); KIND_PIL then fails in tf.io.decode_png."""
   image = tf.switch_case(tf.cast(kind, tf.int32), [
       lambda: _decode_jpeg(data, downscale),
       lambda: tf.io.decode_png(data, channels=3),
       lambda: _decode_png_scaled(data),
       lambda: _decode_png_alpha(data),
-      lambda: _decode_pil(data),
+      (lambda: _decode_pil(data)) if with_pil else (lambda: tf.io.decode_png(data, channels=3)),
   ])
   image = apply_orientation(image, orientation)
   image.set_shape([None, None, 3])

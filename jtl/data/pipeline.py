@@ -15,13 +15,14 @@ from typing import Iterator
 
 import numpy as np
 
-from jtl.data import mixing
+from jtl.data import mixing, sampling, tta as tta_lib
 from jtl.data.dataset import Dataset
 from jtl.data.errors import DataError
 from jtl.data.preprocess import Augment, Preprocess, eval_pixels, normalize, train_pixels
 from jtl.data.tf_setup import tf
 
 _ORDER_STREAM, _EXAMPLE_STREAM, _BATCH_STREAM, _VIEW_STREAM = 0x0D, 0xE7, 0xBA, 0x7E
+_BALANCED_STREAM = 0xB1
 
 
 def steps_per_epoch(ds: Dataset, batch_size_global: int) -> int:
@@ -33,19 +34,28 @@ def steps_per_epoch(ds: Dataset, batch_size_global: int) -> int:
   return steps
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The permutation of the train split used in epoch `epoch`."""
+def epoch_order(num_examples: int, seed: int, epoch: int,
+                labels: np.ndarray | None = None) -> np.ndarray:
+  """The examples of the train split drawn in epoch `epoch`, in order: a permutation, or with
+  the split's `labels` given (balanced_sampling) a class-balanced draw of the same length
+  (jtl.data.sampling), keyed by (seed, epoch) alike so a resumed epoch replays it."""
+  if labels is not None:
+    if len(labels) != num_examples:
+      raise ValueError(f"{len(labels)} labels for {num_examples} examples")
+    return sampling.balanced_order(labels, np.random.default_rng([seed, epoch, _BALANCED_STREAM]))
   return np.random.default_rng([seed, epoch, _ORDER_STREAM]).permutation(num_examples)
 
 
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
-                  start_step: int = 0, shard: "Shard | None" = None) -> np.ndarray:
+                  start_step: int = 0, shard: "Shard | None" = None,
+                  labels: np.ndarray | None = None) -> np.ndarray:
   """The example indices of this process's batches of `epoch` from batch `start_step` on,
-  [steps left, batch_size]: the one rule the image pipeline and the feature cache share."""
+  [steps left, batch_size]: the one rule the image pipeline and the feature cache share.
+  labels: the train split's labels, to draw class-balanced epochs (see epoch_order)."""
   shard = shard or Shard()
   global_batch = batch_size * shard.count
   steps = num_examples // global_batch
-  order = epoch_order(num_examples, seed, epoch)[:steps * global_batch]
+  order = epoch_order(num_examples, seed, epoch, labels)[:steps * global_batch]
   return order.reshape(steps, shard.count, batch_size)[start_step:, shard.index]
 
 
@@ -79,19 +89,23 @@ class Shard:
 
 
 def train_batches(ds: Dataset, *, batch_size: int, preprocess: Preprocess, augment: Augment,
-                  seed: int, epoch: int, start_step: int = 0, shard: Shard = Shard()
-                  ) -> Iterator[dict]:
+                  seed: int, epoch: int, start_step: int = 0, shard: Shard = Shard(),
+                  balanced: bool = False) -> Iterator[dict]:
   """One epoch of training batches for this process, from batch `start_step` on.
 
   Yields dict(image=float32 [B, S, S, 3], label=int32 [B]), or label=float32 [B, num_classes]
-  soft labels when mixup or cutmix is on. B is the per-process batch_size.
+  soft labels when mixup or cutmix is on. B is the per-process batch_size. balanced: a
+  class-balanced draw (epoch_order); an example drawn twice in one epoch is augmented alike
+  both times (its key is its example index, as the feature cache's flip replay needs).
   """
   process_index, process_count, num_classes = shard.index, shard.count, ds.num_classes
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   images = ds.images("train")
   steps_per_epoch(ds, batch_size * process_count)  # raises when not one global batch fits
-  mine = epoch_batches(images.size, batch_size, seed, epoch, start_step, shard).reshape(-1)
+  labels = np.asarray(ds.table("train").labels) if balanced else None
+  mine = epoch_batches(images.size, batch_size, seed, epoch, start_step, shard,
+                       labels).reshape(-1)
   example_key = _base_key(seed, epoch, _EXAMPLE_STREAM)
   batch_key = _base_key(seed, epoch, _BATCH_STREAM)
   key_spec = tf.TensorSpec([2], example_key.dtype)
@@ -136,7 +150,7 @@ def train_batches(ds: Dataset, *, batch_size: int, preprocess: Preprocess, augme
 
 def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Preprocess,
                  shard: Shard = Shard(), view: int = 0, augment: Augment | None = None,
-                 seed: int = 0) -> Iterator[dict]:
+                 seed: int = 0, tta: str = "") -> Iterator[dict]:
   """Every example of `split` exactly once across processes, in a fixed order.
 
   Process p takes examples p, p + P, p + 2P, ... (see `eval_example_indices`); every process
@@ -147,6 +161,9 @@ def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Prepro
   view (the feature cache's fixed views): 0 is the eval transform; without `augment`, view 1 is
   its horizontal flip (what training with hflip as the only augmentation sees); with `augment`,
   view v is the training augmentation drawn with the key (seed, v, example).
+
+  tta (a jtl.data.tta mode, on): image is float32 [B, V, S, S, 3], the V test-time views of
+  each example (tta.view_pixels; padding all black).
   """
   images = ds.images(split)
   n = images.size
@@ -155,9 +172,13 @@ def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Prepro
   indices = eval_example_indices(n, batch_size, shard.index, shard.count)
   size = preprocess.image_size
   view_key = _base_key(seed, view, _VIEW_STREAM)
+  tta = tta if tta_lib.is_on(tta) else ""
+  shape = [tta_lib.num_views(tta), size, size, 3] if tta else [size, size, 3]
 
   def build_load():
     def pixels(index):
+      if tta:
+        return tta_lib.view_pixels(images.image(index), preprocess, tta)
       if augment is not None:
         key = tf.random.experimental.stateless_fold_in(view_key, index)
         return train_pixels(images.image(index), key, preprocess, augment)
@@ -169,11 +190,11 @@ def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Prepro
         return pixels(index), tf.gather(images.labels, index), tf.constant(True)
 
       def padding():
-        return tf.zeros([size, size, 3], tf.uint8), tf.constant(0, tf.int32), tf.constant(False)
+        return tf.zeros(shape, tf.uint8), tf.constant(0, tf.int32), tf.constant(False)
       return tf.cond(index >= 0, real, padding)
     return load
 
-  load = _traced(images, "eval_load", (preprocess, view, augment, seed),
+  load = _traced(images, "eval_load", (preprocess, view, augment, seed, tta),
                  [tf.TensorSpec([], tf.int64)], build_load)
 
   data = (tf.data.Dataset.from_tensor_slices(indices)

@@ -116,10 +116,35 @@ def _resize(image: tf.Tensor, size, pp: Preprocess) -> tf.Tensor:
                  lambda: tf.image.resize(image, size, method=method, antialias=False))
 
 
+def eval_resize_side(pp: Preprocess) -> int:
+  """The short side the eval transform resizes to before its S x S crop."""
+  return max(pp.image_size, int(math.floor(pp.image_size / pp.crop_pct)))
+
+
 def resize_and_centre_crop(image: tf.Tensor, pp: Preprocess) -> tf.Tensor:
   """Short side to floor(S / crop_pct) (at least S), then the central S x S; float ~[0, 255]."""
+  resized = eval_resize(image, pp)
+  top, left = centre_offsets(resized, pp.image_size)
+  return square_crop(resized, top, left, pp.image_size)
+
+
+def centre_offsets(resized: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(top, left) of the central size x size window of `resized`."""
+  shape = tf.shape(resized)
+  top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2.0), tf.int32)
+  return top, left
+
+
+def square_crop(resized: tf.Tensor, top, left, size: int) -> tf.Tensor:
+  return tf.ensure_shape(resized[top:top + size, left:left + size, :], [size, size, 3])
+
+
+def eval_resize(image: tf.Tensor, pp: Preprocess) -> tf.Tensor:
+  """The eval transform's resize: short side to eval_resize_side, the long side in proportion
+  (at least S); float ~[0, 255]. The eval view and the test-time views are crops of it."""
   size = pp.image_size
-  scale_size = max(size, int(math.floor(size / pp.crop_pct)))
+  scale_size = eval_resize_side(pp)
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
   short = tf.minimum(h, w)
@@ -128,10 +153,7 @@ def resize_and_centre_crop(image: tf.Tensor, pp: Preprocess) -> tf.Tensor:
   new_w = tf.cast(tf.maximum(tf.floor(w * scale_size / short), size), tf.int32)
   new_h = tf.where(h <= w, scale_size, new_h)
   new_w = tf.where(w < h, scale_size, new_w)
-  resized = _resize(image, tf.stack([new_h, new_w]), pp)
-  top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
-  return tf.ensure_shape(resized[top:top + size, left:left + size, :], [size, size, 3])
+  return _resize(image, tf.stack([new_h, new_w]), pp)
 
 
 def eval_pixels(image: tf.Tensor, pp: Preprocess) -> tf.Tensor:
@@ -193,11 +215,12 @@ def train_image(image: tf.Tensor, key: tf.Tensor, pp: Preprocess, aug: Augment) 
 # One file through the eval transform, outside tf.data.
 
 @functools.lru_cache(maxsize=16)
-def _file_eval_pixels(pp: Preprocess):
-  """decode_tf + eval_pixels as one graph per Preprocess, as eval_batches runs them inside
-  tf.data; traced once, then each image costs one graph call instead of dozens of eager ops."""
+def _file_eval_pixels(pp: Preprocess, pixels=eval_pixels):
+  """decode_tf + eval_pixels (or another per-image eval transform, `pixels`) as one graph per
+  Preprocess, as eval_batches runs them inside tf.data; traced once, then each image costs one
+  graph call instead of dozens of eager ops."""
   def run(data, kind, orientation, downscale):
-    return eval_pixels(decode.decode_tf(data, kind, orientation, downscale), pp)
+    return pixels(decode.decode_tf(data, kind, orientation, downscale), pp)
   scalar = tf.TensorSpec([], tf.int32)
   return tf.function(run, input_signature=[tf.TensorSpec([], tf.string), scalar, scalar, scalar])
 
@@ -218,8 +241,12 @@ def _read_source(source) -> tuple[bytes, str]:
 
 def load_eval_image(source: str | os.PathLike | bytes, pp: Preprocess, *,
                     decode_min_side: int = decode.DEFAULT_DECODE_MIN_SIDE,
-                    max_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+                    max_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS,
+                    pixels=eval_pixels) -> np.ndarray:
   """An image file (its path, or its encoded bytes) -> the model's input, float32 [S, S, 3].
+
+  pixels: the per-image transform, (uint8 image, pp) -> uint8 [..., S, S, 3]; the eval view by
+  default, jtl.data.tta's views (a function kept per mode, so one graph is traced per mode).
 
   Bit for bit what `eval_batches` feeds the model for that file in a "folder:" dataset opened
   with the same decode_min_side and max_image_pixels (the defaults are open_dataset's, which
@@ -230,6 +257,17 @@ def load_eval_image(source: str | os.PathLike | bytes, pp: Preprocess, *,
   Raises DataError (a ValueError) naming the file when it cannot be read or is not a usable
   image.
   """
+  out = load_eval_pixels(source, pp, decode_min_side=decode_min_side, max_pixels=max_pixels,
+                         pixels=pixels)
+  return normalize(out, pp).numpy()
+
+
+def load_eval_pixels(source: str | os.PathLike | bytes, pp: Preprocess, *,
+                     decode_min_side: int = decode.DEFAULT_DECODE_MIN_SIDE,
+                     max_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS,
+                     pixels=eval_pixels) -> np.ndarray:
+  """load_eval_image before `normalize`: uint8 [S, S, 3], what exported TFLite and ONNX models
+  take (jtl.deploy)."""
   data, name = _read_source(source)
   info = decode.probe_bytes(data, max_pixels)
   if isinstance(info, str):
@@ -238,8 +276,9 @@ def load_eval_image(source: str | os.PathLike | bytes, pp: Preprocess, *,
   if info.kind == decode.KIND_JPEG:
     downscale = decode.jpeg_downscale(info.height, info.width, decode_min_side)
   try:
-    pixels = _file_eval_pixels(pp)(tf.constant(data), info.kind, info.orientation, downscale)
+    out = _file_eval_pixels(pp, pixels)(tf.constant(data), info.kind, info.orientation,
+                                        downscale)
   except tf.errors.OpError as e:
     # Pillow accepted the file but TensorFlow's decoder did not; the pipeline would fail too.
     raise DataError(f"{name}: TensorFlow cannot decode it: {e.message}") from None
-  return normalize(pixels, pp).numpy()
+  return out.numpy()

@@ -135,11 +135,12 @@ class MBConv(nn.Module):
   se_ratio: float
   style: LayerStyle
   drop_path_rate: float = 0.0
+  inner: int | None = None    # expanded channels after channel pruning (None: in * expand_ratio)
 
   @nn.compact
   def __call__(self, x, train: bool):
     spec, style = self.spec, self.style
-    inner = spec.in_channels * spec.expand_ratio
+    inner = self.inner or spec.in_channels * spec.expand_ratio
     y = x
     if spec.expand_ratio != 1:
       y = style.conv_bn(y, train, "expand_", inner, 1)
@@ -176,11 +177,13 @@ class Stage(nn.Module):
   drop_path_rates: tuple[float, ...]
   se_ratio: float
   style: LayerStyle
+  inner: tuple[int | None, ...] | None = None  # MBConv.inner of each block
 
   @nn.compact
   def __call__(self, x, train: bool):
     for i, (spec, rate) in enumerate(zip(self.blocks, self.drop_path_rates)):
-      x = MBConv(spec, self.se_ratio, self.style, rate, name=f"block{i}")(x, train)
+      inner = self.inner[i] if self.inner else None
+      x = MBConv(spec, self.se_ratio, self.style, rate, inner, name=f"block{i}")(x, train)
     return x
 
 
@@ -210,6 +213,9 @@ class EfficientNet(nn.Module):
   drop_rate: float = 0.2               # dropout before the classifier
   drop_path_rate: float = 0.2          # stochastic depth, rising linearly from 0 over the blocks
   image_size: int = 224
+  # Channel pruning (jtl.pruning.channels): the expanded width of every block that expands
+  # (expand_ratio > 1), in block order; None: in_channels * expand_ratio.
+  inner_widths: tuple[int, ...] | None = None
 
   def __post_init__(self):
     if self.padding not in PADDINGS:
@@ -245,19 +251,34 @@ class EfficientNet(nn.Module):
       specs.append(tuple(stage))
     return tuple(specs)
 
+  def block_inner_widths(self) -> tuple[tuple[int | None, ...], ...] | None:
+    """MBConv.inner of every block, stage by stage, from inner_widths (None: all default)."""
+    if self.inner_widths is None:
+      return None
+    specs = self.block_specs()
+    flat = [int(w) for w in self.inner_widths]
+    expanding = sum(s.expand_ratio != 1 for stage in specs for s in stage)
+    if len(flat) != expanding:
+      raise ValueError(f"EfficientNet inner_widths: {len(flat)} given, one per expanding "
+                       f"block ({expanding}) needed")
+    return tuple(tuple(flat.pop(0) if s.expand_ratio != 1 else None for s in stage)
+                 for stage in specs)
+
   @nn.compact
   def __call__(self, x, train: bool = False, frozen_stages: int = 0, start_stage: int = 0,
                stop_stage: int | None = None):
     style = LayerStyle(self.padding, self.bn_epsilon, self.bn_momentum, self.lite)
     se_ratio = 0.0 if self.lite else self.se_ratio
     specs = self.block_specs()
+    inner = self.block_inner_widths() or (None,) * len(specs)
     total = sum(len(s) for s in specs)
     stages = [("stem", Stem(self.stem_width, style, name="stem"))]
     index = 0
     for i, blocks in enumerate(specs, 1):
       rates = tuple(self.drop_path_rate * (index + b) / total for b in range(len(blocks)))
       index += len(blocks)
-      stages.append((f"stage{i}", Stage(blocks, rates, se_ratio, style, name=f"stage{i}")))
+      stages.append((f"stage{i}", Stage(blocks, rates, se_ratio, style, inner[i - 1],
+                                        name=f"stage{i}")))
     stages.append(("top", Top(self.top_width, style, name="top")))
     dropout = nn.Dropout(self.drop_rate)
     head = nn.Dense(self.num_classes, name="head")

@@ -94,6 +94,8 @@ def create_model(name: str, *, num_classes: int | None = None, pretrained: Any =
   cfg, path = _resolve_weights(entry, name_tag, pretrained)
   if image_size:
     module_kwargs["image_size"] = image_size
+  if module_kwargs.get("inner_widths") is not None:  # from JSON as a list; modules hash fields
+    module_kwargs["inner_widths"] = tuple(int(w) for w in module_kwargs["inner_widths"])
   build = functools.partial(entry.build, **module_kwargs)
   if path is None:
     classes = num_classes or cfg.num_classes

@@ -51,16 +51,21 @@ class Block(nn.Module):
   stride: int = 1
   block: str = "basic"        # basic: two 3x3 convs; bottleneck: 1x1, 3x3, 1x1
   stride_in_1x1: bool = False
+  # Output channels of the convolutions before the last (basic: conv1; bottleneck: conv1,
+  # conv2), narrower after channel pruning; None: the architecture's own.
+  inner: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = functools.partial(common.BatchNorm, train=train)
     if self.block == "basic":
-      layers = [(self.features, 3, self.stride), (self.features, 3, 1)]
+      (first_width,) = self.inner or (self.features,)
+      layers = [(first_width, 3, self.stride), (self.features, 3, 1)]
     else:
       inner = self.features // BOTTLENECK_REDUCTION
+      widths = self.inner or (inner, inner)
       first, middle = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-      layers = [(inner, 1, first), (inner, 3, middle), (self.features, 1, 1)]
+      layers = [(widths[0], 1, first), (widths[1], 3, middle), (self.features, 1, 1)]
     y = x
     for i, (features, kernel, stride) in enumerate(layers, 1):
       y = conv(features, kernel, stride, name=f"conv{i}")(y)
@@ -81,12 +86,13 @@ class Stage(nn.Module):
   stride: int
   block: str
   stride_in_1x1: bool = False
+  inner: tuple[tuple[int, ...], ...] | None = None  # Block.inner of each block
 
   @nn.compact
   def __call__(self, x, train: bool):
     for i in range(self.depth):
       x = Block(self.features, self.stride if i == 0 else 1, self.block, self.stride_in_1x1,
-                name=f"block{i}")(x, train)
+                self.inner[i] if self.inner else None, name=f"block{i}")(x, train)
     return x
 
 
@@ -100,6 +106,9 @@ class ResNet(nn.Module):
   stride_in_1x1: bool = False                   # True: ResNet v1 bottlenecks
   first_stage_stride: int = 1                   # 2: stage1 halves the resolution as well
   image_size: int = 224
+  # Channel pruning (jtl.pruning.channels): the inner widths of every block in order, one per
+  # basic block (conv1), two per bottleneck (conv1, conv2); None: the architecture's own.
+  inner_widths: Sequence[int] | None = None
 
   def __post_init__(self):
     if self.block not in BLOCK_TYPES:
@@ -107,7 +116,23 @@ class ResNet(nn.Module):
     if len(self.depths) != len(self.widths):
       raise ValueError(f"ResNet depths {tuple(self.depths)} and widths {tuple(self.widths)} "
                        "must have the same length")
+    expected = sum(self.depths) * self.inner_per_block
+    if self.inner_widths is not None and len(self.inner_widths) != expected:
+      raise ValueError(f"ResNet inner_widths: {len(self.inner_widths)} given, {expected} needed "
+                       f"({self.inner_per_block} per {self.block} block)")
     super().__post_init__()
+
+  @property
+  def inner_per_block(self) -> int:
+    return 1 if self.block == "basic" else 2
+
+  def _stage_inner(self, stage: int) -> tuple[tuple[int, ...], ...] | None:
+    """Block.inner of each block of stage `stage` (0-based), from inner_widths."""
+    if self.inner_widths is None:
+      return None
+    n, start = self.inner_per_block, sum(self.depths[:stage]) * self.inner_per_block
+    flat = tuple(int(w) for w in self.inner_widths)
+    return tuple(flat[start + b * n:start + (b + 1) * n] for b in range(self.depths[stage]))
 
   @property
   def stage_names(self) -> tuple[str, ...]:
@@ -121,7 +146,8 @@ class ResNet(nn.Module):
     for i, (depth, width) in enumerate(zip(self.depths, self.widths)):
       stride = self.first_stage_stride if i == 0 else 2
       name = f"stage{i + 1}"
-      stages.append((name, Stage(width, depth, stride, self.block, self.stride_in_1x1, name=name)))
+      stages.append((name, Stage(width, depth, stride, self.block, self.stride_in_1x1,
+                                 self._stage_inner(i), name=name)))
     head = nn.Dense(self.num_classes, name="head")
     stages.append(("head", lambda x, train: head(jnp.mean(x, axis=(1, 2)))))
     return common.apply_stages(stages, x, train=train, frozen_stages=frozen_stages,

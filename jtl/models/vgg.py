@@ -89,17 +89,37 @@ class VGG(nn.Module):
   pool_size: int = 7
   dropout_rate: float = 0.5
   image_size: int = 224
+  # Channel pruning (jtl.pruning.channels): every convolution's output channels in order,
+  # replacing stage_channels' widths (its layout into stages stays); None: stage_channels.
+  inner_widths: Sequence[int] | None = None
+
+  def __post_init__(self):
+    convs = sum(len(c) for c in self.stage_channels)
+    if self.inner_widths is not None and len(self.inner_widths) != convs:
+      raise ValueError(f"VGG inner_widths: {len(self.inner_widths)} given, one per "
+                       f"convolution ({convs}) needed")
+    super().__post_init__()
 
   @property
   def stage_names(self) -> tuple[str, ...]:
     convs = tuple(f"stage{i}" for i in range(1, len(self.stage_channels) + 1))
     return convs + ("classifier", "head")
 
+  def conv_widths(self) -> tuple[tuple[int, ...], ...]:
+    """The output channels of each convolution, per stage, after any inner_widths."""
+    if self.inner_widths is None:
+      return tuple(tuple(c) for c in self.stage_channels)
+    flat, out = [int(w) for w in self.inner_widths], []
+    for channels in self.stage_channels:
+      out.append(tuple(flat[:len(channels)]))
+      flat = flat[len(channels):]
+    return tuple(out)
+
   @nn.compact
   def __call__(self, x, train: bool = False, frozen_stages: int = 0, start_stage: int = 0,
                stop_stage: int | None = None):
     stages = []
-    for i, channels in enumerate(self.stage_channels, 1):
+    for i, channels in enumerate(self.conv_widths(), 1):
       name = f"stage{i}"
       stages.append((name, ConvStage(tuple(channels), self.batch_norm, name=name)))
     stages.append(("classifier", Classifier(self.fc_width, self.pool_size, self.dropout_rate,
