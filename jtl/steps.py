@@ -128,6 +128,32 @@ class TrainStep:
                         for k in self.ema_names})
 
 
+@dataclasses.dataclass(frozen=True)
+class EmaRule:
+  """config.ema_decay's moving average of the trainable parameters `names` (() when off)."""
+  names: tuple[str, ...]
+  decay: float
+  accum_steps: int
+
+  @classmethod
+  def of(cls, plan: optim.FreezePlan, config) -> "EmaRule":
+    names = tuple(sorted(k for k, label in plan.labels.items() if label != optim.FROZEN))
+    return cls(names if config.ema_decay else (), config.ema_decay, config.grad_accum_steps)
+
+  def update(self, state: TrainState, params, moved=None):
+    """The average after this step, counted in optimizer steps; `moved` (a traced bool, or None
+    for always) says whether the parameters changed at this batch."""
+    if not self.names:
+      return state.ema_params
+    flat = P.flatten(params)
+    trained = P.unflatten({k: flat[k] for k in self.names})
+    decay = ema_decay_at(self.decay, state.step // self.accum_steps)
+    ema = optax.incremental_update(trained, state.ema_params, 1.0 - decay)
+    if moved is not None:
+      ema = jax.tree_util.tree_map(lambda n, o: jnp.where(moved, n, o), ema, state.ema_params)
+    return ema
+
+
 def make_train_step(model, plan: optim.FreezePlan, config, mesh: Mesh, *, schedule,
                     num_classes: int, start_stage: int = 0, class_weights=None) -> TrainStep:
   """The jitted training step of `model` under `plan` and `config`.
@@ -143,6 +169,7 @@ def make_train_step(model, plan: optim.FreezePlan, config, mesh: Mesh, *, schedu
   held = inference_layers(plan, config.bn_mode)
   module = model.module
   options = dict(frozen_stages=plan.frozen_stages, start_stage=start_stage)
+  ema = EmaRule.of(plan, config)
 
   def step(state: TrainState, batch):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -171,34 +198,19 @@ def make_train_step(model, plan: optim.FreezePlan, config, mesh: Mesh, *, schedu
     labels = batch["label"] if batch["label"].ndim == 1 else jnp.argmax(batch["label"], -1)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     finite = jnp.isfinite(loss)
+    # Under gradient accumulation the parameters (and so their average) move every k-th batch.
+    moved = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else None
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, ema_params=update_ema(state, params, opt_state))
+                              opt_state=opt_state, ema_params=ema.update(state, params, moved))
     if config.nonfinite_policy == "skip":  # keep the old state (but count the step)
       new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state,
                                          state.replace(step=state.step + 1))
     return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite}
 
-  ema_names = tuple(sorted(k for k, label in plan.labels.items() if label != optim.FROZEN)
-                    ) if config.ema_decay else ()
-
-  def update_ema(state, params, opt_state):
-    """The EMA after this step, counted in optimizer steps: under gradient accumulation it
-    moves only when the parameters did."""
-    if not ema_names:
-      return state.ema_params
-    flat = P.flatten(params)
-    trained = P.unflatten({k: flat[k] for k in ema_names})
-    decay = ema_decay_at(config.ema_decay, state.step // config.grad_accum_steps)
-    ema = optax.incremental_update(trained, state.ema_params, 1.0 - decay)
-    if isinstance(tx, optax.MultiSteps):
-      ema = jax.tree_util.tree_map(lambda n, o: jnp.where(tx.has_updated(opt_state), n, o),
-                                   ema, state.ema_params)
-    return ema
-
   fn = jax.jit(step, in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)),
                out_shardings=(distributed.replicated(mesh), distributed.replicated(mesh)),
                donate_argnums=0)
-  return TrainStep(tx, fn, mesh, ema_names)
+  return TrainStep(tx, fn, mesh, ema.names)
 
 
 def make_eval_step(model, mesh: Mesh, *, num_classes: int, start_stage: int = 0) -> Callable:
