@@ -300,6 +300,18 @@ def test_channel_run_is_a_smaller_model_that_loads_and_predicts(resnet_run, data
   (result,) = json.loads(capsys.readouterr().out)
   assert result["top"][0]["name"].startswith("class_")
 
+  # Shipped, the pruned model keeps its smaller size: the TFLite file of the narrow run is
+  # smaller than the full run's, and both were checked against jtl's probabilities on export.
+  sizes = {}
+  for name, workdir in (("full", resnet_run), ("pruned", run)):
+    out = os.path.join(os.path.dirname(resnet_run), f"shipped-{name}")
+    assert export.main(["--workdir", workdir, "--format", "tflite", "--out", out]) == 0
+    with open(os.path.join(out, "export.json")) as f:
+      (entry,) = json.load(f)["formats"].values()
+    assert entry["max_abs_diff_vs_jtl"] < 1e-4
+    sizes[name] = os.path.getsize(os.path.join(out, entry["path"]))
+  assert sizes["pruned"] < sizes["full"]
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--sparsity", "1.0"], "--sparsity 1.0: each sparsity must be in \\[0, 1\\)"),
