@@ -385,7 +385,9 @@ def finish(inputs: Inputs, workdir: str, outcome: dict) -> dict:
     result = evaluation.evaluate(training.eval_fn, state, training.eval_batches(split),
                                  inputs.mesh, inputs.class_names, keep_predictions=True)
     final = evaluation.final_metrics(result, split)
-    final.update(weights, **{f"{weights['exported_weights']}_test_accuracy": result["accuracy"]})
+    final.update(weights)
+    if inputs.config.ema_decay:  # both weights' test accuracies; without EMA, test_accuracy is all
+      final[f"{weights['exported_weights']}_test_accuracy"] = result["accuracy"]
     final.update(_tta_metrics(inputs, state, split))
     params = inputs.model.variables["params"]
     final.update(trainable_params=count_trainable(params, training.plan),
