@@ -6,10 +6,12 @@ import functools
 import json
 import os
 import re
+import types
 
 import jax
 import numpy as np
 import optax
+from flax import linen as nn
 import pytest
 from safetensors.numpy import load_file
 
@@ -355,3 +357,40 @@ def test_a_workdir_without_a_finished_run_is_named(tmp_path, capsys):
   err = capsys.readouterr().err
   assert f"--workdir {workdir}: no finished jtl run" in err and "final_metrics.json" in err
   assert sorted(os.listdir(workdir)) == ["config.json"]
+
+
+class _BatchNormFirst(nn.Module):
+  """A BatchNorm on the images themselves: its statistics are the pixels' own."""
+  momentum: float
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum, name="bn")(x)
+    return nn.Dense(2, name="head")(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.99])
+def test_recalibrated_statistics_are_the_average_batch_statistics(tmp_path, momentum):
+  from jtl import data as data_lib
+  from jtl.pruning import recalibrate
+  root = str(tmp_path / "images")
+  write_image_folder(root, num_classes=2, per_class=10, size=12)
+  dataset = data_lib.open_dataset(f"folder:{root}", val_fraction=0.0, seed=0)
+  pp = data_lib.Preprocess(image_size=8, crop_pct=1.0)
+  module = _BatchNormFirst(momentum)
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32))
+  stale = {"bn": {"mean": np.full(3, 5.0, np.float32), "var": np.full(3, 9.0, np.float32)}}
+  model = types.SimpleNamespace(module=module, variables={**variables, "batch_stats": stale})
+  got = recalibrate.recalibrated(model, dataset, pp, batch_size=8, num_batches=10)
+
+  # Two full batches of 8 (the padded third one is left out), each batch's own statistics.
+  batches = [b["image"] for b in data_lib.eval_batches(dataset, "train", batch_size=8,
+                                                        preprocess=pp) if b["mask"].all()]
+  assert len(batches) == 2
+  means = [b.mean(axis=(0, 1, 2)) for b in batches]
+  variances = [b.var(axis=(0, 1, 2)) for b in batches]
+  np.testing.assert_allclose(got["batch_stats"]["bn"]["mean"], np.mean(means, 0), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(got["batch_stats"]["bn"]["var"], np.mean(variances, 0), rtol=1e-3,
+                             atol=1e-5)
+  assert got["params"] is variables["params"]

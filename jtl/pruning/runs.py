@@ -20,7 +20,7 @@ from jtl import config as config_lib
 from jtl import distributed, evaluation, export, report, train
 from jtl import params as P
 from jtl import workdir as workdir_lib
-from jtl.pruning import channels, magnitude, measure, summary
+from jtl.pruning import channels, magnitude, measure, recalibrate, summary
 
 log = logging.getLogger(__name__)
 METHODS = ("magnitude", "channels")
@@ -108,7 +108,7 @@ def save_weights(path: str, variables) -> None:
 def start_weights(request: Request, model, sparsity: float
                   ) -> tuple[str, tuple[int, ...] | None]:
   """(weights file the run starts from, inner_widths or None: the run's) for one sparsity."""
-  original = os.path.join(request.workdir, export.EXPORT_DIR, "model.safetensors")
+  original = _original(request)
   path = os.path.join(request.prune_dir, START_DIR, f"{request.name(sparsity)}.safetensors")
   if request.method == "channels":
     widths, variables = channels.prune_channels(model, sparsity, request.rank)
@@ -119,6 +119,23 @@ def start_weights(request: Request, model, sparsity: float
   pruned, _ = magnitude.prune(model.variables["params"], sparsity, request.scope)
   save_weights(path, {**model.variables, "params": pruned})
   return path, None
+
+
+def _original(request: Request) -> str:
+  return os.path.join(request.workdir, export.EXPORT_DIR, "model.safetensors")
+
+
+def recalibrate_start(config, start_file: str, scratch: str) -> None:
+  """Rewrites the pruned starting weights with BatchNorm statistics measured on the training
+  split (jtl.pruning.recalibrate: the unpruned network's statistics no longer fit)."""
+  os.makedirs(scratch, exist_ok=True)  # open_inputs writes the run's config.json there
+  try:
+    inputs = train.open_inputs(config, scratch)  # the pruned model, loaded from start_file
+    variables = recalibrate.recalibrated(inputs.model, inputs.dataset, inputs.preprocess,
+                                         batch_size=config.batch_size)
+    save_weights(start_file, jax.device_get(dict(variables)))
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def evaluate_only(config, workdir: str) -> dict:
@@ -172,6 +189,8 @@ def run_one(request: Request, base, model, sparsity: float) -> str:
     shutil.rmtree(partial)
   start, widths = start_weights(request, model, sparsity)
   config = finetune_config(base, request, sparsity, start, widths)
+  if start != _original(request):
+    recalibrate_start(config, start, os.path.join(request.prune_dir, f".{name}.recalibrate"))
   if request.steps > 0:
     final = train.train_and_evaluate(config, partial)
     if final.get("preempted"):
