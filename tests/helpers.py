@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl import params as P
+from jtl.loop import Hook
 from jtl.models import registry
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -99,3 +100,15 @@ def random_variables(arch: str, seed: int = 0, num_classes: int = 7, size: int =
   """Nested random variables of the registered `arch` built with `overrides` (random_leaves)."""
   module = registry.get_entry(arch).build(num_classes=num_classes, **overrides)
   return P.unflatten(random_leaves(variable_shapes(module, size), seed))
+
+
+class StopAt(Hook):
+  """What Preemption does on SIGTERM (save, then stop the loop), at a chosen step."""
+
+  def __init__(self, step: int):
+    self.step = step
+
+  def after_step(self, loop, step):
+    if step == self.step:
+      loop.save()
+      loop.interrupt()

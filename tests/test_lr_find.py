@@ -17,7 +17,7 @@ import run_helpers as rh
 from conftest import tiny_config, write_image_folder
 from jtl import config as config_lib
 from jtl import lr_find, train
-from jtl.loop import Hook
+from helpers import StopAt
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 FINDER = {"lr_find.num_steps": 24, "lr_find.min_lr": 1e-4, "lr_find.max_lr": 30.0}
@@ -203,18 +203,6 @@ def test_the_command_prints_one_error_line_for_a_split_smaller_than_a_batch(tmp_
 
 # ---------------------------------------------------------------------------------------------
 # optimizer.lr=auto.
-
-class StopAt(Hook):
-  """What Preemption does on SIGTERM, at a chosen step."""
-
-  def __init__(self, step):
-    self.step = step
-
-  def after_step(self, loop, step):
-    if step == self.step:
-      loop.save()
-      loop.interrupt()
-
 
 def _export(workdir):
   return load_file(os.path.join(workdir, "export", "model.safetensors"))

@@ -17,7 +17,7 @@ from jtl import config as config_lib
 from jtl import distributed, hooks, optim, train
 from jtl import params as P
 from jtl.config import default_config
-from jtl.loop import Hook
+from helpers import StopAt
 from jtl.models import create_model
 from jtl.steps import TrainState, make_train_step
 
@@ -178,16 +178,6 @@ def test_a_stalled_validation_metric_halves_the_logged_and_saved_rate(straight):
   arrays, _ = rh.checkpoint_arrays(straight, 12)
   # The 4th evaluation's cut, saved with the state.
   assert [float(v) for k, v in arrays.items() if k == "plateau/scale"] == [0.125]
-
-
-class StopAt(Hook):
-  def __init__(self, step):
-    self.step = step
-
-  def after_step(self, loop, step):
-    if step == self.step:
-      loop.save()
-      loop.interrupt()
 
 
 def test_a_run_stopped_after_a_cut_resumes_with_the_cut_rate_and_ends_the_same(

@@ -19,7 +19,7 @@ from conftest import tiny_config, write_image_folder
 from jtl import train
 from jtl.checkpoint import CheckpointDamagedError
 from jtl.lock import LOCK_NAME
-from jtl.loop import Hook
+from helpers import StopAt
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 # 24 images per class x 3, no test split: 54 train / 18 val, 6 steps an epoch.
@@ -88,16 +88,6 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(data, tmp_path, caplog, jax
   final = train.train_and_evaluate(tiny_config(data, num_epochs=1), workdir)
   assert final["steps"] == 6
   assert f"pid {dead.pid}" in caplog.text and "taking over" in caplog.text
-
-
-class StopAt(Hook):
-  def __init__(self, step):
-    self.step = step
-
-  def after_step(self, loop, step):
-    if step == self.step:
-      loop.save()
-      loop.interrupt()
 
 
 @pytest.fixture(scope="module")
