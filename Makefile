@@ -28,11 +28,11 @@ demo: demo-data
 	$(PY) -m jtl.main --config configs/partial_ft.py --workdir runs/demo
 
 test: venv
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile tests
 
 # The unit tests alone (markers in tests/conftest.py): no training runs, no child processes.
 test-fast: venv
-	$(PY) -m pytest -q -p no:cacheprovider -m fast tests
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile -m fast tests
 
 bench: venv
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
