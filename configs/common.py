@@ -21,6 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.min_train_steps = 500
   c.max_evaluations = 20
   c.early_stopping.patience = 5
+  # An evaluation checkpoints only when a minute has passed since the last checkpoint (the end
+  # of the run and SIGTERM always do; a better model meanwhile is held in memory and written
+  # with the next one): Orbax takes ~0.8 s per save of EfficientNet-Lite0, which was 12 of the
+  # 22 s of training of a 1,200-image folder on cached features.
+  c.checkpoint_min_seconds = 60.0
   return c
 
 

@@ -86,22 +86,38 @@ class Checkpoints:
     begun, so a kill between the two never leaves a resumable checkpoint whose best is missing.
     """
     self.wait()
+    args = self._args(state, meta)
+    # Any failure here is a failed write: a full disk reaches us from TensorStore as a
+    # ValueError ("RESOURCE_EXHAUSTED ... No space left on device"), not as an OSError.
+    try:
+      if best:
+        self._write_best(step, args)
+      self._replace(self.latest, step, args)
+    except Exception as e:
+      raise CheckpointWriteError(self._message(step, e)) from e
+    self._in_flight = step
+
+  def save_best(self, step: int, state, meta: dict[str, Any]) -> None:
+    """Writes a best checkpoint alone, complete on return (one the checkpoint hook held back;
+    it is written before the latest checkpoint that names it)."""
+    self.wait()
+    try:
+      self._write_best(step, self._args(state, meta))
+    except Exception as e:
+      raise CheckpointWriteError(self._message(step, e)) from e
+
+  def _write_best(self, step: int, args) -> None:
+    self._replace(self.best, step, args)
+    self.best.wait_until_finished()
+
+  @staticmethod
+  def _args(state, meta: dict[str, Any]):
     # A copy: the meta is written in the background while the loop goes on changing its own.
     meta = copy.deepcopy(meta)
     digest = state_digest(state)
     if digest is not None:
       meta[DIGEST_KEY] = digest
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    # Any failure here is a failed write: a full disk reaches us from TensorStore as a
-    # ValueError ("RESOURCE_EXHAUSTED ... No space left on device"), not as an OSError.
-    try:
-      if best:
-        self._replace(self.best, step, args)
-        self.best.wait_until_finished()
-      self._replace(self.latest, step, args)
-    except Exception as e:
-      raise CheckpointWriteError(self._message(step, e)) from e
-    self._in_flight = step
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
   @staticmethod
   def _replace(manager, step: int, args) -> None:

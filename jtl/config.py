@@ -41,7 +41,8 @@ POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "grad_accum_steps",
 NON_NEGATIVE = ("freeze_depth", "num_classes", "image_size", "max_train_examples",
                 "unfreeze_every_epochs", "label_smoothing", "optimizer.weight_decay",
                 "optimizer.grad_clip_norm", "early_stopping.patience", "checkpoint_every_steps",
-                "max_skipped_steps", "schedule.warmup_epochs", "train_steps", "min_train_steps",
+                "checkpoint_min_seconds", "max_skipped_steps", "schedule.warmup_epochs",
+                "train_steps", "min_train_steps",
                 "max_evaluations", "feature_cache.views", "probe.steps", "probe.lr",
                 "schedule.plateau_cooldown", "lr_find.suggested_lr")
 # The one same-run rule: a workdir's run continues (resume, or an ablation point reused) only
@@ -50,6 +51,7 @@ NON_NEGATIVE = ("freeze_depth", "num_classes", "image_size", "max_train_examples
 # stretches over the new budget from where the run stands).
 PRESENTATION = frozenset({
     "progress_bar", "log_every_steps", "resume", "keep_checkpoints", "force_unlock",
+    "checkpoint_min_seconds",
     "distributed", "coordinator_address", "num_processes", "process_id", "data_dir",
     "feature_cache.dir", "feature_cache.mode", "eval_batch_size",
     "tta"})  # test-time augmentation changes only the final evaluation, never the training
@@ -429,6 +431,10 @@ def _evaluation_and_checkpoints(c: ml_collections.ConfigDict) -> None:
                                     # 4 corners of the eval resize; needs crop_pct room) | flip+crops;
                                     # the views' logits are averaged
   c.checkpoint_every_steps = 0      # also save every N steps (0: at each evaluation only)
+  c.checkpoint_min_seconds = 0.0    # an evaluation saves only when this long has passed since
+                                    # the last save (a better model meanwhile is held in memory
+                                    # and written with the next one; the end and SIGTERM always
+                                    # save). 0: every evaluation saves
   c.keep_checkpoints = 2            # latest checkpoints kept (the best one is kept apart)
   c.resume = "auto"                 # auto: resume when workdir has checkpoints; true: must resume
                                     # (error when there are none); false: start over

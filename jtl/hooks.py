@@ -169,19 +169,34 @@ def _host(tree):
 
 
 class Checkpointing(Hook):
-  """Saves at every evaluation, at the end, every `every_steps` steps inside an epoch, and at an
-  epoch end when `every_seconds` have passed since the last save."""
+  """Saves at evaluations, at the end, every `every_steps` steps inside an epoch, and at an
+  epoch end when `every_seconds` have passed since the last save.
 
-  def __init__(self, checkpoints, *, every_steps: int = 0, every_seconds: float = 600.0):
+  min_seconds > 0: an evaluation saves only when that long has passed since the last save, so
+  that a small dataset's many short evaluations are not each followed by a checkpoint (Orbax
+  takes ~0.8 s for EfficientNet-Lite0's 14 MB state, against 5 ms for a step on cached
+  features). A best model found in between is held as a copy of the state and written, before
+  the latest checkpoint that names it, with the next save: the end of the run, a SIGTERM or the
+  next due evaluation always save. A kill in between resumes from the previous checkpoint and
+  redoes those steps, deterministically.
+  """
+
+  def __init__(self, checkpoints, *, every_steps: int = 0, every_seconds: float = 600.0,
+               min_seconds: float = 0.0):
     self.checkpoints = checkpoints
     self.every_steps, self.every_seconds = every_steps, every_seconds
+    self.min_seconds = min_seconds
     self.last_time = time.perf_counter()
+    self.held_best: tuple | None = None  # (step, state copy, progress json) not yet on disk
 
   def attach(self, loop: Loop) -> None:
     loop.save_fn = self._save
     loop.last_saved_step = self.checkpoints.latest_step()
 
   def _save(self, loop, best):
+    if self.held_best is not None and not best:
+      self.checkpoints.save_best(*self.held_best)
+    self.held_best = None
     self.checkpoints.save(loop.step, loop.state, loop.progress.to_json(), best=best)
     loop.last_saved_step = loop.step
     self.last_time = time.perf_counter()
@@ -193,12 +208,28 @@ class Checkpointing(Hook):
 
   def on_epoch_done(self, loop):
     p = loop.progress
-    if (loop.budget.evaluates_after(p.epoch) or p.finished or loop.is_best
-        or time.perf_counter() - self.last_time > self.every_seconds):
+    since = time.perf_counter() - self.last_time
+    at_evaluation = loop.budget.evaluates_after(p.epoch) or loop.is_best
+    if not (at_evaluation or p.finished or _on_every_host(since > self.every_seconds)):
+      return
+    if p.finished or not self.min_seconds or not _on_every_host(since < self.min_seconds):
       loop.save(best=loop.is_best)
+    elif loop.is_best:  # held back: a copy, since the next step donates the state's buffers
+      loop.flush()
+      self.held_best = (loop.step, jax.tree_util.tree_map(lambda x: x.copy(), loop.state),
+                        p.to_json())
 
   def on_end(self, loop):
     self.checkpoints.wait()
+
+
+def _on_every_host(decision: bool) -> bool:
+  """Host 0's answer, on every host: a save is a collective, so a decision read from each
+  host's own clock must be the same everywhere."""
+  if jax.process_count() == 1:
+    return decision
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(decision)))
 
 
 class Preemption(Hook):

@@ -313,7 +313,8 @@ def _make_loop(inputs, config, training, step_for_epoch, progress, run_log, chec
       patience=config.early_stopping.patience, min_delta=config.early_stopping.min_delta,
       evaluate_ema=((lambda state: evaluate_on_val(steps_lib.with_ema_weights(state)))
                     if config.ema_decay else None))
-  saving = hooks_lib.Checkpointing(checkpoints, every_steps=config.checkpoint_every_steps)
+  saving = hooks_lib.Checkpointing(checkpoints, every_steps=config.checkpoint_every_steps,
+                                   min_seconds=config.checkpoint_min_seconds)
   hooks = [scalars, evaluate, saving]
   if config.schedule.name == "reduce_on_plateau":  # after Evaluation, before Checkpointing
     higher_is_better = config.early_stopping.metric != "val_loss"
