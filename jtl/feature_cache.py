@@ -81,6 +81,15 @@ def plan_cache(config, frozen_stages: int) -> tuple[CachePlan | None, str]:
       "identity and flipped views" if views == 2 else "one view")
 
 
+def pools_features(model, stop_stage: int) -> bool:
+  """Whether the cache may hold pooled features: only the head is left to run and it begins
+  with a global average pool (EfficientNet, ResNet, Inception; not VGG's flattening classifier
+  nor ViT's tokens). 16x smaller at 128 px for EfficientNet, 49x at 224 px for ResNet-50, and
+  the same head outputs."""
+  return (tuple(model.stage_names[stop_stage:]) == ("head",)
+          and getattr(model.module, "head_pools_globally", False))
+
+
 def cache_root(config) -> str:
   return os.path.expanduser(config.feature_cache.dir or os.environ.get("JTL_CACHE_DIR")
                             or os.path.join("~", ".cache", "jtl", "features"))
@@ -122,6 +131,7 @@ def cache_key(config, model, dataset, preprocess, plan: CachePlan) -> str:
     module = module.clone(num_classes=0)
   spec = {
       "version": 1, "module": repr(module), "stop_stage": plan.stop_stage,
+      "pooled": pools_features(model, plan.stop_stage),
       "weights": variables_digest(_prefix_variables(model, plan.stop_stage)),
       "preprocess": repr(preprocess), "views": plan.views, "augmented": plan.augmented,
       "augment": config.augment.to_dict() if plan.augmented else None,
@@ -186,8 +196,9 @@ class _Builder:
              "train) into %s", plan.stop_stage, "/".join(splits), plan.views,
              "s" if plan.views > 1 else "", directory)
     dtype = np.float32 if self.config.feature_cache.dtype == "float32" else jax.numpy.bfloat16
-    self.features_fn = steps.make_features_fn(self.model, self.mesh, stop_stage=plan.stop_stage,
-                                              dtype=dtype)
+    self.features_fn = steps.make_features_fn(
+        self.model, self.mesh, stop_stage=plan.stop_stage, dtype=dtype,
+        pool=pools_features(self.model, plan.stop_stage))
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".building-", dir=parent)

@@ -240,15 +240,20 @@ def make_eval_step(model, mesh: Mesh, *, num_classes: int, start_stage: int = 0)
                  out_shardings=replicated)
 
 
-def make_features_fn(model, mesh: Mesh, *, stop_stage: int, dtype=jnp.float32) -> Callable:
+def make_features_fn(model, mesh: Mesh, *, stop_stage: int, dtype=jnp.float32,
+                     pool: bool = False) -> Callable:
   """(params, batch_stats, images) -> outputs of the first stop_stage stages, inference mode.
 
-  The outputs come back replicated, so every host holds every example's features."""
+  pool: averaged over height and width, kept as [N, 1, 1, C] (a head that pools first then
+  gives the same logits: the mean of one position is that position). The outputs come back
+  replicated, so every host holds every example's features."""
   module = model.module
 
   def features(params, batch_stats, images):
     out = module.apply({"params": params, "batch_stats": batch_stats}, images, train=False,
                        stop_stage=stop_stage)
+    if pool:
+      out = jnp.mean(out, axis=(1, 2), keepdims=True)
     return out.astype(dtype)
 
   replicated = distributed.replicated(mesh)

@@ -55,6 +55,7 @@ def pytest_collection_modifyitems(config, items):
 
 class TinyCNN(nn.Module):
   """stem -> stage1 -> stage2 -> head, with BatchNorm, like the real families but ~3k params."""
+  head_pools_globally = True  # as EfficientNet's and ResNet's: the head is mean-pool + dense
   num_classes: int = 10
   width: int = 8
   image_size: int = 16

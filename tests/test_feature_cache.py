@@ -123,3 +123,19 @@ def test_large_caches_are_memory_mapped(tmp_path):
   assert isinstance(feature_cache.load_features(path, budget_bytes=10**6), np.ndarray)
   mapped = feature_cache.load_features(path, budget_bytes=100)
   assert isinstance(mapped, np.memmap) and float(mapped.sum()) == 800.0
+
+
+def _new_cache(before):
+  (name,) = _cache_dirs() - before
+  return np.load(os.path.join(os.environ["JTL_CACHE_DIR"], name, "train.npy"), mmap_mode="r")
+
+
+def test_feature_extraction_caches_pooled_features_and_partial_the_feature_maps(data, tmp_path):
+  # At 12 px (a size no other test uses, so both caches are new): stem 12x12x8, stage1 6x6x8,
+  # stage2 3x3x16; the head averages stage2's map before its dense layer.
+  before = _cache_dirs()
+  _run(data, tmp_path / "fe", image_size=12)
+  assert _new_cache(before).shape[2:] == (1, 1, 16)  # [views, examples, 1, 1, channels]
+  before = _cache_dirs()
+  _run(data, tmp_path / "partial", image_size=12, strategy="partial", freeze_depth=1)
+  assert _new_cache(before).shape[2:] == (12, 12, 8)  # stage1 still needs the stem's map

@@ -199,6 +199,9 @@ class Top(nn.Module):
 
 class EfficientNet(nn.Module):
   """EfficientNet-B or -Lite classifier; NHWC input, logits out (contract: jtl.models.common)."""
+  # The head begins with a global average pool, so a feature-extraction cache may hold the
+  # pooled features (see jtl.feature_cache); a plain class attribute, not a field.
+  head_pools_globally = True
   num_classes: int = 1000
   width_multiplier: float = 1.0
   depth_multiplier: float = 1.0

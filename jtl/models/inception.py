@@ -180,6 +180,9 @@ _MIXED7 = (("Mixed_7a", InceptionD, {}),
 
 class InceptionV3(nn.Module):
   """Inception-v3 classifier; NHWC input, 299 px by default, at least 75 px."""
+  # The head begins with a global average pool, so a feature-extraction cache may hold the
+  # pooled features (see jtl.feature_cache); a plain class attribute, not a field.
+  head_pools_globally = True
   num_classes: int = 1000
   image_size: int = 299
   dropout_rate: float = 0.0       # before the head, while training (torchvision trains with 0.5)

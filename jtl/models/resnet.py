@@ -98,6 +98,9 @@ class Stage(nn.Module):
 
 class ResNet(nn.Module):
   """ResNet classifier; NHWC input, logits out (see jtl.models.common for the contract)."""
+  # The head begins with a global average pool, so a feature-extraction cache may hold the
+  # pooled features (see jtl.feature_cache); a plain class attribute, not a field.
+  head_pools_globally = True
   num_classes: int = 1000
   depths: Sequence[int] = (2, 2, 2, 2)
   widths: Sequence[int] = (64, 128, 256, 512)   # output channels of each stage
