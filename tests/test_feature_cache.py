@@ -2,6 +2,7 @@
 training through it, and a cache that is reused exactly when nothing it depends on changed."""
 import logging
 import os
+import types
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from conftest import tiny_config, write_image_folder
 from jtl import feature_cache, train
 from jtl import params as P
 from jtl.models import create_model
+from jtl.models.vgg import VGG
+from jtl.models.vit import ViT
 
 
 @pytest.fixture
@@ -57,9 +60,14 @@ def test_the_cache_is_reused_and_invalidated_by_what_it_depends_on(data, tmp_pat
   caplog.clear()
   _run(data, tmp_path / "b", **{"optimizer.lr": 0.01})  # a learning-rate sweep point
   assert _cache_dirs() - before == first and "feature cache reused" in caplog.text
-  # Another preprocessing (image size) -> another cache.
+  # Another preprocessing (image size) -> another cache; feature extraction's holds the
+  # pooled features [views, examples, 1, 1, channels] (the head averages stage2's map first).
   _run(data, tmp_path / "c", image_size=20)
   assert len(_cache_dirs() - before) == 2
+  (second,) = _cache_dirs() - before - first
+  train_features = np.load(os.path.join(os.environ["JTL_CACHE_DIR"], second, "train.npy"),
+                           mmap_mode="r")
+  assert train_features.shape[2:] == (1, 1, 16)
   # One image edited -> another cache.
   victim = os.path.join(data, "train", "class_0", "3.png")
   Image.fromarray(np.full((20, 20, 3), 7, np.uint8)).save(victim)
@@ -125,17 +133,12 @@ def test_large_caches_are_memory_mapped(tmp_path):
   assert isinstance(mapped, np.memmap) and float(mapped.sum()) == 800.0
 
 
-def _new_cache(before):
-  (name,) = _cache_dirs() - before
-  return np.load(os.path.join(os.environ["JTL_CACHE_DIR"], name, "train.npy"), mmap_mode="r")
 
-
-def test_feature_extraction_caches_pooled_features_and_partial_the_feature_maps(data, tmp_path):
-  # At 12 px (a size no other test uses, so both caches are new): stem 12x12x8, stage1 6x6x8,
-  # stage2 3x3x16; the head averages stage2's map before its dense layer.
-  before = _cache_dirs()
-  _run(data, tmp_path / "fe", image_size=12)
-  assert _new_cache(before).shape[2:] == (1, 1, 16)  # [views, examples, 1, 1, channels]
-  before = _cache_dirs()
-  _run(data, tmp_path / "partial", image_size=12, strategy="partial", freeze_depth=1)
-  assert _new_cache(before).shape[2:] == (12, 12, 8)  # stage1 still needs the stem's map
+def test_only_a_pooling_head_left_gets_pooled_features():
+  tiny = create_model("tiny_cnn", num_classes=3)
+  assert feature_cache.pools_features(tiny, 3)  # feature extraction: the head alone is left
+  assert not feature_cache.pools_features(tiny, 1)  # partial: stage1 needs the stem's map
+  # VGG's classifier flattens a 7x7 map; ViT's head reads tokens (modules only, no weights).
+  for module in (VGG(num_classes=3), ViT(num_classes=3)):
+    model = types.SimpleNamespace(module=module, stage_names=module.stage_names)
+    assert not feature_cache.pools_features(model, len(module.stage_names) - 1)
