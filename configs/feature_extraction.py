@@ -4,9 +4,11 @@
   python -m jtl.main --config configs/feature_extraction.py:photos --workdir runs/mine \\
       --config.dataset=folder:/path/to/images
 
-On the demo data (20,000 training images at 64 px, 2 epochs; 12,810 trainable parameters) it
-reached 85.7% accuracy on the full 10,000-image Fashion-MNIST test set with 129 s of training on
-a 2-core CPU (the development machine, 2026-11-28, other jobs running beside it).
+On the demo data (20,000 training images at 64 px; 12,810 trainable parameters) it reached
+86.3% accuracy on the full 10,000-image Fashion-MNIST test set: 54 s to cache the backbone's
+pooled features once (train, val, test), 5.8 s to train the head for 1,248 steps, 83 s for the
+whole command on the 2-core development machine (CPU only, 2026-12-01, quiet). Before this
+config followed the linear-evaluation protocol: 85.7% after 129 s of training on images.
 """
 from configs import common
 
