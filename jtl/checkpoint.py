@@ -10,17 +10,24 @@ Checkpoints prove themselves: the meta item carries a sha256 digest of the saved
 state does not match its digest is named in a warning, moved aside to
 workdir/checkpoints/damaged/<which>-<step>/ (never deleted) and the next newest is tried. When
 none is intact, CheckpointDamagedError names them all. Checkpoints written before digests existed
-are accepted as they read.
+are accepted as they read. A best checkpoint holds the same state and meta as a latest one, so a
+resume whose latest checkpoints are all damaged goes on from the newest intact best one.
+
+Open them with `with Checkpoints(workdir) as checkpoints:`: leaving the block finishes the saves in
+flight and joins Orbax's threads, also when an error is on its way up.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import itertools
 import logging
 import os
-from typing import Any, Callable, NamedTuple
+import threading
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -29,6 +36,7 @@ import orbax.checkpoint as ocp
 from jtl.errors import UserError
 
 DIGEST_KEY = "state_digest"  # in the meta item; stripped from the meta handed back
+SETTLE_SECONDS = 60.0  # longest wait for reads still in flight when a failed restore ends
 
 
 class CheckpointWriteError(OSError):
@@ -40,10 +48,12 @@ class CheckpointDamagedError(UserError):
 
 
 class Restored(NamedTuple):
-  """What Checkpoints.load found: the step it read, its state and its meta."""
+  """What Checkpoints.load found: the step it read, its state and its meta (and from which
+  manager, "latest" or "best")."""
   step: int
   state: Any
   meta: dict[str, Any]
+  which: str = "latest"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,23 +71,36 @@ class _Unreadable(Exception):
 
 
 class Checkpoints:
-  """The two CheckpointManagers of a run."""
+  """The two CheckpointManagers of a run; a context manager that closes them on leaving."""
 
   def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
     root = self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._in_flight: int | None = None  # step of the last save begun
+    self.damaged: list[Damaged] = []  # every checkpoint this object set aside, oldest first
+    self._barriers = itertools.count()
+    self.closed = False
     options = dict(create=True, cleanup_tmp_directories=True,
                    enable_async_checkpointing=async_save)
     self.latest = ocp.CheckpointManager(
         os.path.join(root, "latest"), options=ocp.CheckpointManagerOptions(
             max_to_keep=max(keep, 1), **options))
-    # Saved only on improvement, so the newest one kept is the best. Two are kept so that a
-    # resume which discards a best saved after its checkpoint (see discard_best_after) still
-    # has the one before.
-    self.best = ocp.CheckpointManager(
-        os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=2, **options))
-    self.damaged: list[Damaged] = []  # every checkpoint this object set aside, oldest first
-    self._barriers = itertools.count()
+    try:
+      # Saved only on improvement, so the newest one kept is the best. Two are kept so that a
+      # resume which discards a best saved after its checkpoint (see discard_best_after) still
+      # has the one before.
+      self.best = ocp.CheckpointManager(
+          os.path.join(root, "best"),
+          options=ocp.CheckpointManagerOptions(max_to_keep=2, **options))
+    except BaseException:
+      self.latest.close()  # its threads (the clean-up of temporaries) are running already
+      raise
+
+  def __enter__(self) -> Checkpoints:
+    return self
+
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    # With an error on its way up, a failed save is logged rather than raised over it.
+    self.close(raise_errors=exc_type is None)
 
   def save(self, step: int, state, meta: dict[str, Any], *, best: bool = False) -> None:
     """Saves asynchronously; an error of the previous save (disk full...) surfaces here.
@@ -156,11 +179,33 @@ class Checkpoints:
     checkpoints on the way are set aside (see the module docstring); afterwards latest_step()
     names the step returned. Raises CheckpointDamagedError when every checkpoint is damaged.
     """
-    def read(manager, step):
+    return self._newest_intact((which,), self._reader(abstract_state))
+
+  def load_resumable(self, abstract_state) -> Restored | None:
+    """The newest intact checkpoint to resume from, latest or best; None when there is none.
+
+    As load(), over the steps of both managers newest first, latest before best at the same
+    step. A best checkpoint holds what a latest one of its step would, so when the latest ones
+    after it are damaged (or never completed: a kill between the two saves) the run goes on
+    from it, with a warning: restored.which == "best", latest_step() names an older step or
+    None, and the caller drops the best ones after it (discard_best_after) as after any resume.
+    CheckpointDamagedError names every checkpoint set aside when none of either kind is intact.
+    """
+    before = len(self.damaged)
+    restored = self._newest_intact(("latest", "best"), self._reader(abstract_state))
+    if restored is not None and restored.which == "best":
+      newer = [d for d in self.damaged[before:] if d.which == "latest" and d.step > restored.step]
+      why = ("the latest " + ", ".join(f"step {d.step}" for d in newer) + " damaged (set aside)"
+             if newer else "no latest checkpoint at or after it")
+      logging.warning("resuming from the best checkpoint, step %d: %s", restored.step, why)
+    return restored
+
+  def _reader(self, abstract_state) -> Callable[[Any, str, int], Restored]:
+    def read(manager, which, step):
       meta = self._read_meta(manager, step)
       abstract = abstract_state(meta) if callable(abstract_state) else abstract_state
-      return Restored(step, self._read_state(manager, step, abstract, meta), meta)
-    return self._newest_intact(which, read)
+      return Restored(step, self._read_state(manager, step, abstract, meta), meta, which)
+    return read
 
   def restore(self, abstract_state, *, which: str = "latest") -> tuple[Any, dict] | None:
     """(state, meta) of load(); kept for callers that do not need the step (final evaluation)."""
@@ -171,29 +216,34 @@ class Checkpoints:
     """The meta of the newest latest checkpoint whose meta item reads; None when there is none.
 
     Only the meta item is checked (the state needs a template): a restore() after it may still
-    find that step's state damaged and go further back. To resume, prefer load() with a
-    function of the meta, which reads meta and state of one step together and returns its step.
+    find that step's state damaged and go further back. To resume, prefer load_resumable() with
+    a function of the meta, which reads meta and state of one step together and returns its step.
     """
-    def read(manager, step):
+    def read(manager, which, step):
       meta = self._read_meta(manager, step)
       meta.pop(DIGEST_KEY, None)
       return meta
-    return self._newest_intact("latest", read)
+    return self._newest_intact(("latest",), read)
 
-  def _newest_intact(self, which: str, read: Callable[[Any, int], Any]):
-    """read(manager, step) of the newest step it succeeds on, setting aside those it cannot
-    read (_Unreadable); None when there are no steps."""
-    manager, before = self._manager(which), len(self.damaged)
+  def _newest_intact(self, whiches: Sequence[str], read: Callable[[Any, str, int], Any]):
+    """read(manager, which, step) of the newest step of the managers named that it succeeds on
+    (the one named first wins a tie), setting aside those it cannot read (_Unreadable); None
+    when there are no steps."""
+    managers = {which: self._manager(which) for which in whiches}
+    candidates = sorted(((step, -rank, which) for rank, which in enumerate(whiches)
+                         for step in managers[which].all_steps()), reverse=True)
+    before = len(self.damaged)
     try:
-      for step in sorted(manager.all_steps(), reverse=True):
+      for step, _, which in candidates:
         try:
-          return read(manager, step)
+          return read(managers[which], which, step)
         except _Unreadable as e:
-          self._set_aside(which, manager, step, str(e))
-      self._raise_if_damaged(which)
+          self._set_aside(which, managers[which], step, str(e))
+      self._raise_if_damaged(whiches)
       return None
     finally:
-      self._forget_set_aside(manager, before)
+      for manager in managers.values():
+        self._forget_set_aside(manager, before)
 
   def _manager(self, which: str):
     if which not in ("latest", "best"):
@@ -204,7 +254,8 @@ class Checkpoints:
   def _read_meta(manager, step: int) -> dict:
     """The meta item of `step` (with its digest); raises _Unreadable when it cannot be read."""
     try:
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      with _settled_reads():
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # missing files, bad JSON, ...: whatever Orbax raises
       raise _Unreadable(_reason(e)) from e
     if not isinstance(meta, dict):
@@ -216,8 +267,9 @@ class Checkpoints:
     """The state of `step`, checked against meta's digest (which is removed from meta)."""
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
-      state = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))["state"]
+      with _settled_reads():
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:  # TensorStore's OUT_OF_RANGE, DATA_LOSS, a missing item, ...
       # Orbax also refuses a template of another structure or shape: that is the caller's
       # mistake (or another version of the code), not damage, and must not set files aside.
@@ -262,16 +314,18 @@ class Checkpoints:
     if len(self.damaged) > damaged_before or jax.process_count() > 1:
       manager.reload()
 
-  def _raise_if_damaged(self, which: str) -> None:
-    found = [d for d in self.damaged if d.which == which]
+  def _raise_if_damaged(self, whiches: Sequence[str]) -> None:
+    found = [d for d in self.damaged if d.which in whiches]
     if not found:
       return
-    named = "; ".join(f"step {d.step} ({d.reason}) " + (f"moved to {d.moved_to}" if d.moved_to
-                                                         else f"left at {d.path}")
+    kind = lambda d: f"{d.which} " if len(whiches) > 1 else ""
+    named = "; ".join(f"{kind(d)}step {d.step} ({d.reason}) "
+                      + (f"moved to {d.moved_to}" if d.moved_to else f"left at {d.path}")
                       for d in found)
     raise CheckpointDamagedError(
-        f"no intact {which} checkpoint under {self.root}: {named}. Nothing was deleted; start "
-        "over in another --workdir, or here with --config.resume=false (which deletes them)")
+        f"no intact {' or '.join(whiches)} checkpoint under {self.root}: {named}. Nothing was "
+        "deleted; start over in another --workdir, or here with --config.resume=false (which "
+        "deletes them)")
 
   def wait(self) -> None:
     """Blocks until the saves in flight are complete; raises CheckpointWriteError if one failed."""
@@ -282,11 +336,15 @@ class Checkpoints:
       raise CheckpointWriteError(self._message(self._in_flight, e)) from e
 
   def close(self, *, raise_errors: bool = True) -> None:
-    """Finishes the saves in flight and releases the managers.
+    """Finishes the saves in flight and releases the managers, joining Orbax's threads; a
+    second call does nothing.
 
     raise_errors=False (while another exception is on its way up): a failed save is logged
     rather than raised over it.
     """
+    if self.closed:
+      return
+    self.closed = True
     try:
       self.wait()
     except CheckpointWriteError as e:
@@ -299,6 +357,67 @@ class Checkpoints:
           manager.close()
         except Exception as e:  # the same failure again; already reported above
           logging.debug("closing %s: %s", manager.directory, e)
+
+
+class _SettlingLoop(asyncio.SelectorEventLoop):
+  """An event loop that lets the tasks begun on it finish before it closes.
+
+  Orbax runs each restore on a fresh loop (asyncio_utils.run_sync) and closes it as soon as the
+  restore raises. When one array of a damaged checkpoint fails to read, TensorStore is still
+  reading the others; each read, finishing, calls the closed loop from a TensorStore thread, and
+  Python prints a `RuntimeError: Event loop is closed` traceback for it: one per array still in
+  flight, interleaved, whenever the reads end (above or below the command's error line).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self._begun: set[asyncio.Task] = set()
+
+  def create_task(self, coro, **kwargs):
+    task = super().create_task(coro, **kwargs)
+    self._begun.add(task)
+    task.add_done_callback(self._begun.discard)
+    return task
+
+  def close(self) -> None:
+    if not self.is_closed() and not self.is_running():
+      pending = set(self._begun)
+      if pending:
+        self.run_until_complete(asyncio.wait(pending, timeout=SETTLE_SECONDS))
+      for task in pending:  # their failures repeat the one the restore raised: retrieved here
+        if task.done() and not task.cancelled():
+          task.exception()
+      self.run_until_complete(self.shutdown_default_executor())
+    super().close()
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+  _loop_factory = _SettlingLoop
+
+
+_settling = threading.Lock()
+_settling_depth = 0
+_policy_before: asyncio.AbstractEventLoopPolicy | None = None
+
+
+@contextlib.contextmanager
+def _settled_reads():
+  """Orbax's restores in this block run on _SettlingLoops: the event loop policy is the one way
+  to choose the loops that asyncio_utils.run_sync makes."""
+  global _settling_depth, _policy_before
+  with _settling:
+    if _settling_depth == 0:
+      _policy_before = asyncio.get_event_loop_policy()
+      asyncio.set_event_loop_policy(_SettlingPolicy())
+    _settling_depth += 1
+  try:
+    yield
+  finally:
+    with _settling:
+      _settling_depth -= 1
+      if _settling_depth == 0:
+        asyncio.set_event_loop_policy(_policy_before)
+        _policy_before = None
 
 
 def state_digest(state) -> str | None:
@@ -331,7 +450,8 @@ def _layout_differs(manager, step: int, abstract) -> bool:
   False when the saved layout cannot be read either: then it is the files that are damaged.
   """
   try:
-    saved = manager.item_metadata(step)["state"]
+    with _settled_reads():
+      saved = manager.item_metadata(step)["state"]
   except Exception:
     return False
   return _layout(getattr(saved, "tree", saved)) != _layout(abstract)

@@ -9,12 +9,14 @@ import numpy as np
 
 
 class RunLog:
-  """Appends evaluation records to metrics.jsonl and scalars to TensorBoard (host 0 only)."""
+  """Appends evaluation records to metrics.jsonl and scalars to TensorBoard (host 0 only); a
+  context manager that closes the TensorBoard writer on leaving."""
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self._closed = False
     if enabled:
       from flax.metrics import tensorboard
       self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -57,9 +59,17 @@ class RunLog:
       with open(self.path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
 
+  def __enter__(self) -> RunLog:
+    return self
+
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    self.close()
+
   def close(self) -> None:
-    if self._tb is not None:
+    """Flushes and closes the TensorBoard writer; a second call does nothing."""
+    if self._tb is not None and not self._closed:
       self._tb.close()
+    self._closed = True
 
 
 def plot_curves(records: Sequence[dict], path: str) -> None:

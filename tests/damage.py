@@ -10,6 +10,13 @@ def largest_data_file(workdir, which, step):
   return max(files, key=os.path.getsize)
 
 
+def data_files(workdir, which, step):
+  """The data files of checkpoint `step`'s state (TensorStore's OCDBT d/ directories)."""
+  return sorted(f for f in glob.glob(os.path.join(workdir, "checkpoints", which, str(step), "state",
+                                                  "**", "d", "*"), recursive=True)
+                if os.path.isfile(f))
+
+
 def truncate(path):
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 2)
