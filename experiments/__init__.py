@@ -1,1 +1,2 @@
-"""Drivers that run many configs and summarise them (python -m experiments.ablate)."""
+"""Study scripts that run many configs and summarise them (python -m experiments.ablate is
+`jtl ablate`); jtl never imports them."""

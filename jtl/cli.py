@@ -1,10 +1,23 @@
-"""The `jtl` command: jtl train | lr-find | predict | export | models | ablate | prune, each the
-module of that name."""
+"""The `jtl` command (also `python -m jtl`): jtl COMMAND [ARGS...], COMMAND one of the modules
+of jtl/commands/, imported only when it runs (`jtl --help` loads no library)."""
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Sequence
 
-USAGE = """usage: jtl COMMAND [ARGS...]
+COMMANDS = {  # the command's name -> its module, whose main(argv) -> int parses the rest
+    "train": "jtl.commands.train",
+    "lr-find": "jtl.commands.lr_find",
+    "predict": "jtl.commands.predict",
+    "export": "jtl.commands.export",
+    "models": "jtl.commands.models",
+    "ablate": "jtl.commands.ablate",
+    "prune": "jtl.commands.prune",
+    "report": "jtl.commands.report",
+}
+
+USAGE = """usage: jtl COMMAND [ARGS...]   (jtl COMMAND --help for its options)
 
   jtl train --config configs/partial_ft.py --workdir runs/x [--config.KEY=VALUE ...]
   jtl lr-find --config configs/partial_ft.py --workdir runs/lrf [--config.KEY=VALUE ...]
@@ -14,38 +27,20 @@ USAGE = """usage: jtl COMMAND [ARGS...]
   jtl models [PATTERN]
   jtl ablate --config configs/partial_ft.py --out runs/ablation [--grid KEY=V1,V2 ...]
   jtl prune --workdir runs/x --sparsity 0.5,0.7,0.9 [--method magnitude|channels] [--steps N]
+  jtl report --workdir runs/x
 """
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(USAGE)
     return 0
   command, rest = argv[0], argv[1:]
-  if command == "train":
-    from jtl import main as train_main
-    return train_main.run([f"jtl {command}", *rest])
-  if command == "lr-find":
-    from jtl.lr_find import __main__ as lr_find_main
-    return lr_find_main.run([f"jtl {command}", *rest])
-  if command == "predict":
-    from jtl import predict
-    return predict.main(rest)
-  if command == "models":
-    from jtl.models import __main__ as models_main
-    return models_main.main([f"jtl {command}", *rest])
-  if command == "export":
-    from jtl import export
-    return export.main(rest)
-  if command == "ablate":
-    from experiments import ablate
-    return ablate.main(rest)
-  if command == "prune":
-    from jtl import prune
-    return prune.main(rest)
-  print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
-  return 2
+  if command not in COMMANDS:
+    print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+  return importlib.import_module(COMMANDS[command]).main(rest)
 
 
 if __name__ == "__main__":

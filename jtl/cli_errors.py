@@ -9,11 +9,19 @@ import sys
 import traceback
 
 from jtl.errors import UserError
-from jtl.loop import NonFiniteLossError
 
 
 def debug_requested(argv=()) -> bool:
   return "--debug" in argv or os.environ.get("JTL_DEBUG", "") not in ("", "0")
+
+
+def _users_mistakes() -> tuple[type[BaseException], ...]:
+  """The errors that blame the input: UserError, the weights/registry code's ValueError and
+  OSError, and a non-finite loss. The last only once jtl.loop is loaded: a process that never
+  loaded the loop cannot raise it, and importing the loop here would load jax before a command
+  has even read its arguments (`jtl train --help`, a typo in a config key)."""
+  loop = sys.modules.get("jtl.loop")
+  return (UserError, ValueError, OSError) + ((loop.NonFiniteLossError,) if loop else ())
 
 
 def _exit_quietly(status: int) -> None:
@@ -28,11 +36,16 @@ def _exit_quietly(status: int) -> None:
 
 @contextlib.contextmanager
 def reported_errors(debug: bool, *, quiet_exit: bool = False):
-  """A UserError (and the weights/registry code's ValueError and OSError) becomes one line on
-  stderr and exit status 2; anything else keeps its traceback and exits 1."""
+  """A user's mistake (_users_mistakes) becomes one line on stderr and exit status 2; anything
+  else keeps its traceback and exits 1."""
   try:
     yield
-  except (UserError, ValueError, OSError, NonFiniteLossError) as e:
+  except Exception as e:
+    if not isinstance(e, _users_mistakes()):
+      if not quiet_exit:
+        raise
+      traceback.print_exc()
+      _exit_quietly(1)
     if debug:
       raise
     message = " ".join(str(e).split("\n")[:1]) if not isinstance(e, UserError) else str(e)
@@ -40,8 +53,3 @@ def reported_errors(debug: bool, *, quiet_exit: bool = False):
     if quiet_exit:
       _exit_quietly(2)
     raise SystemExit(2) from None
-  except Exception:
-    if not quiet_exit:
-      raise
-    traceback.print_exc()
-    _exit_quietly(1)

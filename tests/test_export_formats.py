@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jtl import cli, export, predict
+from jtl import cli, export
+from jtl.commands import export as export_command
+from jtl.commands import predict
 from jtl.data import decode
 from jtl.data.preprocess import Preprocess, load_eval_image, load_eval_pixels
 from jtl.data.tf_setup import tf
@@ -91,7 +93,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(workdir, tmp_path_factory):
   out = os.path.join(str(tmp_path_factory.mktemp("ship")), "exported")
-  assert export.main(["--workdir", workdir, "--format", ALL_FORMATS, "--out", out]) == 0
+  assert export_command.main(["--workdir", workdir, "--format", ALL_FORMATS, "--out", out]) == 0
   return out
 
 
@@ -208,7 +210,7 @@ def test_export_directory_holds_each_format_its_names_and_sizes(exported):
 
 def _fails(capsys, argv, *fragments):
   with pytest.raises(SystemExit) as e:
-    export.main(argv)
+    export_command.main(argv)
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

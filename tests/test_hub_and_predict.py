@@ -69,7 +69,7 @@ def photos(tmp_path_factory):
 
 
 def test_predict_cli_top5_on_real_photos(photos):
-  from jtl.predict import main
+  from jtl.commands.predict import main
   import contextlib
   import io
   out = io.StringIO()
@@ -85,7 +85,7 @@ def test_predict_cli_top5_on_real_photos(photos):
 
 
 def test_predict_cli_names_a_missing_image(tmp_path, capsys):
-  from jtl.predict import main
+  from jtl.commands.predict import main
   with pytest.raises(SystemExit):
     main([str(tmp_path / "nope.jpg")])
   assert "nope.jpg" in capsys.readouterr().err

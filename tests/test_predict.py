@@ -18,8 +18,9 @@ from PIL import Image
 from jtl import data as data_lib
 from jtl import export
 from jtl.data.preprocess import Preprocess, load_eval_image
+from jtl.commands.predict import main
 from jtl.models import PretrainedCfg, create_model
-from jtl.predict import main, top_k
+from jtl.predict import top_k
 from jtl.run_record import RunRecord
 
 B3 = Preprocess(image_size=300, crop_pct=0.904, interpolation="bicubic",

@@ -1,4 +1,4 @@
-"""jtl.prune: magnitude masks that hold exactly, channel-pruned models that compute what the full
+"""jtl prune: magnitude masks that hold exactly, channel-pruned models that compute what the full
 model computes without those channels, and the command's runs, summaries and refusals."""
 import csv
 import dataclasses
@@ -17,8 +17,10 @@ from safetensors.numpy import load_file
 
 from conftest import tiny_config, write_image_folder
 from jtl import config as config_lib
-from jtl import export, predict, prune, train
+from jtl import export, train
 from jtl import params as P
+from jtl.commands import export as export_command
+from jtl.commands import predict, prune
 from jtl.models import factory, registry, resnet
 from jtl.run_record import RunRecord
 from jtl.pruning import channels, magnitude, measure
@@ -307,7 +309,7 @@ def test_channel_run_is_a_smaller_model_that_loads_and_predicts(resnet_run, data
   sizes = {}
   for name, workdir in (("full", resnet_run), ("pruned", run)):
     out = os.path.join(os.path.dirname(resnet_run), f"shipped-{name}")
-    assert export.main(["--workdir", workdir, "--format", "tflite", "--out", out]) == 0
+    assert export_command.main(["--workdir", workdir, "--format", "tflite", "--out", out]) == 0
     with open(os.path.join(out, "export.json")) as f:
       (entry,) = json.load(f)["formats"].values()
     assert entry["max_abs_diff_vs_jtl"] < 1e-4

@@ -13,6 +13,7 @@ from conftest import tiny_config, write_image_folder
 from jtl import config as config_lib
 from jtl import data as data_lib
 from jtl import distributed, evaluation, predict, steps, train
+from jtl.commands import predict as predict_command
 from jtl.data import tta
 from jtl.data.preprocess import eval_pixels, eval_resize, to_pixels
 from jtl.data.tf_setup import tf
@@ -125,8 +126,8 @@ def test_the_final_evaluation_and_predict_agree_with_tta(tmp_path, capsys):
 
   def predicted_accuracy(*flags):
     capsys.readouterr()
-    assert predict.main(["--workdir", workdir, "--json", "--top", "1", "--no-progress",
-                         *flags, test_dir]) == 0
+    assert predict_command.main(["--workdir", workdir, "--json", "--top", "1", "--no-progress",
+                                 *flags, test_dir]) == 0
     rows = json.loads(capsys.readouterr().out)
     truth = [os.path.basename(os.path.dirname(r["image"])) for r in rows]
     return np.mean([r["top"][0]["name"] == t for r, t in zip(rows, truth)])

@@ -1,7 +1,6 @@
-"""python -m jtl.models [PATTERN]: every registered model with its parameter count, stages and
-default weights (counts from jax.eval_shape: nothing is initialised or downloaded)."""
+"""Every registered model with its parameter count, stages and default weights (`jtl models`);
+counts from jax.eval_shape: nothing is initialised or downloaded."""
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,22 +22,3 @@ def describe(pattern: str = "*") -> list[dict]:
     rows.append({"name": name, "params": P.count(shapes["params"]), "input": size,
                  "stages": list(module.stage_names), "default_weights": source})
   return rows
-
-
-def main(argv) -> int:
-  pattern = argv[1] if len(argv) > 1 else "*"
-  for row in describe(pattern):
-    stages = row["stages"]
-    shown = " ".join(stages) if len(stages) <= 8 else " ".join(stages[:3] + ["..."] + stages[-3:])
-    print(f"{row['name']:28s} {row['params']:>13,d}  {row['input']:4d}px  "
-          f"{row['default_weights']:45s} {shown}")
-  return 0
-
-
-def run() -> int:
-  """The console script `jtl-models`."""
-  return main(sys.argv)
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv))
