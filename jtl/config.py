@@ -15,7 +15,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jtl.errors import UserError
+from jtl import class_weights
+from jtl.errors import ConfigError
 
 STRATEGIES = ("feature_extraction", "partial", "full", "lp_ft")
 CHOICES = {
@@ -59,10 +60,6 @@ BUDGET = frozenset({
     "num_epochs", "train_steps", "min_train_steps", "max_evaluations", "eval_every_epochs",
     "early_stopping.patience", "early_stopping.min_delta", "checkpoint_every_steps"})
 MAY_CHANGE_ON_RESUME = PRESENTATION | BUDGET
-
-
-class ConfigError(UserError, ValueError):
-  """A config value or combination that cannot work; the message names the key."""
 
 
 # optimizer.lr is a number or "auto" (a learning-rate range test picks it, jtl.lr_find).
@@ -129,7 +126,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_pruning(config.pruning)
   if not 0.0 <= config.ema_decay < 1.0:
     raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0: off)")
-  class_weight_items(config.class_weights)  # the syntax; the class names need the data
+  class_weights.class_weight_items(config.class_weights)  # the syntax; the class names need the data
   if not 0.0 <= config.val_fraction < 1.0:
     raise ConfigError(f"config.val_fraction={config.val_fraction}: must be in [0, 1)")
   if not 0.0 < config.optimizer.layer_decay <= 1.0:
@@ -191,57 +188,41 @@ def validate_for_model(config, stage_names: Sequence[str]) -> None:
                       f"{len(stage_names) - 1} can be frozen (the head always trains)")
 
 
+def pretrained_arg(value: str):
+  """config.pretrained as create_model's `pretrained`: "default" the model's own weights,
+  "none" or "" none, anything else a file, directory or hub id."""
+  return {"default": True, "none": None, "": None}.get(value, value)
+
+
+def check_model_spec(config) -> None:
+  """Checks that need neither data nor weights loaded: an unknown model name, a weights file
+  that does not exist. A large folder's scan takes minutes; these take milliseconds."""
+  from jtl.models import factory  # the model zoo; this module stays importable without jax
+  try:
+    factory.check_spec(config.model, pretrained_arg(config.pretrained))
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    message = e.args[0] if e.args else str(e)
+    raise ConfigError(f"config.model={config.model!r} / config.pretrained="
+                      f"{config.pretrained!r}: {message}") from None
+
+
+def validate_batch_sizes(config, train_examples: int, *, devices: int, hosts: int) -> None:
+  """Batches that split evenly over the devices and hosts, and a training split that holds
+  at least one batch."""
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % devices or config[key] % hosts:
+      raise ConfigError(f"config.{key}={config[key]} must be divisible by the "
+                        f"{devices} devices ({hosts} hosts)")
+  if train_examples < config.batch_size:
+    raise ConfigError(f"config.batch_size={config.batch_size} is larger than the training "
+                      f"split ({train_examples} examples)")
+
+
 def validate_for_data(config, class_names: Sequence[str]) -> None:
   if config.num_classes and config.num_classes != len(class_names):
     raise ConfigError(f"config.num_classes={config.num_classes} but {config.dataset} has "
                       f"{len(class_names)} classes")
-  explicit_class_weights(config.class_weights, class_names)
-
-
-def class_weight_items(spec: str) -> list[tuple[str | None, float]]:
-  """config.class_weights's explicit entries, (class name or None when positional, weight);
-  [] for "none" and "auto". Raises ConfigError on a malformed or non-positive weight."""
-  if not isinstance(spec, str):
-    raise ConfigError(f"config.class_weights={spec!r}: must be a string: none, auto, "
-                      "'w0,w1,...' (one per class) or 'name=w,...'")
-  if spec in ("none", "auto"):
-    return []
-  items = []
-  for part in spec.split(","):
-    name, sep, value = part.rpartition("=")
-    try:
-      weight = float(value)
-    except ValueError:
-      raise ConfigError(f"config.class_weights={spec!r}: {part.strip()!r} is not a weight "
-                        "(forms: none, auto, 'w0,w1,...', 'name=w,...')") from None
-    if not weight > 0 or weight == float("inf"):
-      raise ConfigError(f"config.class_weights={spec!r}: weights must be positive and finite, "
-                        f"got {part.strip()!r}")
-    items.append((name.strip() if sep else None, weight))
-  if len({name is None for name, _ in items}) > 1:
-    raise ConfigError(f"config.class_weights={spec!r}: either one weight per class in class "
-                      "order, or name=weight pairs, not both")
-  return items
-
-
-def explicit_class_weights(spec: str, class_names: Sequence[str]) -> tuple[float, ...] | None:
-  """One weight per class in class order for an explicit config.class_weights (named classes
-  not listed keep 1); None for "none" and "auto"."""
-  items = class_weight_items(spec)
-  if not items:
-    return None
-  names = tuple(class_names)
-  if items[0][0] is None:
-    if len(items) != len(names):
-      raise ConfigError(f"config.class_weights={spec!r}: {len(items)} weights for "
-                        f"{len(names)} classes {names}")
-    return tuple(w for _, w in items)
-  unknown = [n for n, _ in items if n not in names]
-  if unknown:
-    raise ConfigError(f"config.class_weights={spec!r}: unknown class {', '.join(unknown)} "
-                      f"(the classes are {names})")
-  given = dict(items)
-  return tuple(given.get(n, 1.0) for n in names)
+  class_weights.explicit_class_weights(config.class_weights, class_names)
 
 
 def _check_known_keys(config, reference, prefix: str = "") -> None:
@@ -405,7 +386,7 @@ def _schedule_and_lr_finder(c: ml_collections.ConfigDict) -> None:
   c.schedule.plateau_patience = 2   # evaluations without improvement before a reduction
   c.schedule.plateau_cooldown = 0   # evaluations after a reduction before counting again
   c.schedule.min_lr_factor = 0.0    # reductions stop at lr * min_lr_factor
-  # Learning-rate range test (python -m jtl.lr_find, or optimizer.lr="auto"): the run's own
+  # Learning-rate range test (jtl lr-find, or optimizer.lr="auto"): the run's own
   # training step from the pretrained weights, the lr rising exponentially one step at a time.
   c.lr_find = ml_collections.ConfigDict()
   c.lr_find.min_lr = 1e-7           # the sweep's first learning rate

@@ -44,6 +44,12 @@ def replicate(tree, mesh: Mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
+def host_copy(tree):
+  """Host copies of a replicated tree, on every host (each holds every value; jax.device_get
+  refuses an array that spans hosts)."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def initialize(config) -> None:
   """Joins the other processes of a multi-host run (TPU VM pods, multi-GPU nodes, CPU tests)."""
   kwargs = {}

@@ -11,3 +11,7 @@ class UserError(Exception):
   CLIs print it as one line and exit 2, without a traceback. Subclasses also keep the built-in
   base they had before (ValueError, FileNotFoundError, ...), so `except ValueError` still works.
   """
+
+
+class ConfigError(UserError, ValueError):
+  """A config value or combination that cannot work; the message names the key."""

@@ -2,6 +2,7 @@
 predictions gathered on the host, the metrics computed once there."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Sequence
 
 import jax
@@ -12,6 +13,40 @@ from jtl import metrics as metrics_lib
 from jtl.data.pipeline import eval_example_indices
 
 _GATHERED = ("loss", "pred", "label", "top5", "logits")
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  """Which split validates (evaluations, early stopping, the best checkpoint, the EMA choice),
+  which one tests, and the early-stopping metric: the one rule every part of a run reads.
+
+  A dataset without a validation split validates on its test split; one without a test split
+  tests on its validation split."""
+  val: str
+  test: str
+  metric: str  # config.early_stopping.metric: val_accuracy | val_loss | val_macro_f1 | val_top5
+
+  @classmethod
+  def of(cls, dataset, metric: str) -> "Splits":
+    return cls(val="val" if dataset.has_split("val") else "test",
+               test="test" if dataset.has_split("test") else "val", metric=metric)
+
+  @property
+  def key(self) -> str:
+    """The metric's key in an evaluation's result ("accuracy" for val_accuracy)."""
+    return self.metric[len("val_"):]
+
+  @property
+  def higher_is_better(self) -> bool:
+    return self.metric != "val_loss"
+
+  def improved(self, value: float, best: float | None, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than min_delta (any finite value beats None)."""
+    if best is None:
+      return bool(np.isfinite(value))
+    if self.higher_is_better:
+      return value > best + min_delta
+    return value < best - min_delta
 
 
 def predictions(eval_fn, state, batches: Iterable[dict], mesh) -> dict[str, np.ndarray]:

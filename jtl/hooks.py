@@ -1,8 +1,10 @@
 """The loop's hooks: what happens around the steps, one concern each.
 
-Order matters where one hook reads what another decided: Evaluation (which sets `loop.is_best`
-and may stop the run) comes before PlateauSchedule (which reads its result) and both before
-Checkpointing (which saves with that flag, and the plateau state in the train state).
+Each hook is given what it needs when it is made, and they are made in the order they run:
+ProgressBar, ScalarLog, Evaluation (which sets `loop.is_best` and may stop the run),
+PlateauSchedule (which reads the Evaluation it is given and sets the LearningRate's scale),
+Checkpointing (which saves with that flag, and the plateau state in the train state), then
+Preemption (which saves through the Checkpointing it is given).
 """
 from __future__ import annotations
 
@@ -11,27 +13,36 @@ import signal
 import time
 from typing import Callable
 
+
 import jax
 import numpy as np
 
 from jtl import distributed
+from jtl.evaluation import Splits
 from jtl.loop import Hook, Loop
 
 log = logging.getLogger(__name__)
+
+
+class LearningRate:
+  """The learning rate applied at a step, for the logs: the schedule's, times the scale of
+  reduce_on_plateau (PlateauSchedule sets `scale`; 1 under every other schedule)."""
+
+  def __init__(self, schedule, *, grad_accum_steps: int):
+    self.schedule, self.accum = schedule, grad_accum_steps
+    self.scale = 1.0
+
+  def __call__(self, step: int) -> float:
+    # The schedule counts optimizer steps; with accumulation, `accum` batches make one.
+    return float(self.schedule(step // self.accum)) * self.scale
 
 
 class ScalarLog(Hook):
   """Training loss and learning rate to TensorBoard every `every_steps` steps, and one "train"
   row in metrics.jsonl per epoch."""
 
-  def __init__(self, run_log, schedule, *, every_steps: int, grad_accum_steps: int):
-    self.run_log, self.schedule = run_log, schedule
-    self.every, self.accum = every_steps, grad_accum_steps
-    self.lr_scale: Callable[[], float] = lambda: 1.0  # PlateauSchedule's, when there is one
-
-  def learning_rate(self, step: int) -> float:
-    # The schedule counts optimizer steps; with accumulation, `accum` batches make one.
-    return float(self.schedule(step // self.accum)) * self.lr_scale()
+  def __init__(self, run_log, learning_rate: Callable[[int], float], *, every_steps: int):
+    self.run_log, self.learning_rate, self.every = run_log, learning_rate, every_steps
 
   def on_step(self, loop, step, metrics):
     if step % self.every == 0:
@@ -78,14 +89,6 @@ class ProgressBar(Hook):
     self.on_epoch_end(loop, {})
 
 
-def improved(metric: str, value: float, best: float | None, min_delta: float) -> bool:
-  if best is None:
-    return bool(np.isfinite(value))
-  if metric == "val_loss":
-    return value < best - min_delta
-  return value > best + min_delta
-
-
 EVAL_ROW_KEYS = ("loss", "accuracy", "top5", "macro_f1", "balanced_accuracy")
 
 
@@ -97,11 +100,11 @@ class Evaluation(Hook):
   as ema_* in the same row; the best checkpoint and early stopping follow the raw weights (the
   final evaluation then picks the better of the two in that checkpoint)."""
 
-  def __init__(self, evaluate: Callable[[object], dict], run_log, learning_rate, *,
-               metric: str, patience: int, min_delta: float,
+  def __init__(self, evaluate: Callable[[object], dict], run_log, learning_rate, splits: Splits,
+               *, patience: int, min_delta: float,
                evaluate_ema: Callable[[object], dict] | None = None):
     self.evaluate, self.run_log, self.learning_rate = evaluate, run_log, learning_rate
-    self.metric, self.patience, self.min_delta = metric, patience, min_delta
+    self.splits, self.patience, self.min_delta = splits, patience, min_delta
     self.evaluate_ema = evaluate_ema
     self.latest: tuple[int, float] | None = None  # (step, metric value) of the last evaluation
 
@@ -116,16 +119,16 @@ class Evaluation(Hook):
       ema = self.evaluate_ema(loop.state)
       row.update({f"ema_{k}": ema[k] for k in EVAL_ROW_KEYS})
     self.run_log.record({**row, "learning_rate": self.learning_rate(loop.step)})
-    value = result[self.metric[len("val_"):]]
+    value = result[self.splits.key]
     self.latest = (loop.step, value if np.isfinite(result["loss"]) else float("nan"))
     # A model whose validation loss is not finite has diverged, whatever its accuracy.
-    if np.isfinite(result["loss"]) and improved(self.metric, value, p.best, self.min_delta):
+    if np.isfinite(result["loss"]) and self.splits.improved(value, p.best, self.min_delta):
       p.best, p.best_step, p.bad_evals = value, loop.step, 0
       loop.is_best = True
       return
     p.bad_evals += 1
     if self.patience and p.bad_evals >= self.patience:
-      log.info("early stopping: %s did not improve for %d evaluations", self.metric,
+      log.info("early stopping: %s did not improve for %d evaluations", self.splits.metric,
                p.bad_evals)
       loop.request_stop()
 
@@ -134,38 +137,35 @@ class PlateauSchedule(Hook):
   """schedule.name=reduce_on_plateau: after each evaluation, optax's reduce_on_plateau rule
   reads the early-stopping metric (negated when higher is better: the rule minimises; a
   diverged model counts as no better) and updates its state in the train state, whose scale
-  the compiled step applies to every update. The host keeps the scale too (`scale`), so the
-  logged learning rate is the applied one without reading the device every step."""
+  the compiled step applies to every update. The host keeps the scale too, in the
+  LearningRate it is given, so the logged learning rate is the applied one without reading the
+  device every step."""
 
-  def __init__(self, evaluation: Evaluation, rule, mesh, *, higher_is_better: bool):
+  def __init__(self, evaluation: Evaluation, rule, mesh, learning_rate: LearningRate):
     self.evaluation, self.rule, self.mesh = evaluation, rule, mesh
-    self.sign = -1.0 if higher_is_better else 1.0
+    self.learning_rate = learning_rate
+    self.sign = -1.0 if evaluation.splits.higher_is_better else 1.0
     self.scale: float | None = None  # read from the (perhaps resumed) state at the start
-
-  def current_scale(self) -> float:
-    return 1.0 if self.scale is None else self.scale
 
   def on_epoch_start(self, loop):
     if self.scale is None:
-      self.scale = float(_host(loop.state.plateau).scale)
+      self._set_scale(float(distributed.host_copy(loop.state.plateau).scale))
+
+  def _set_scale(self, scale: float) -> None:
+    self.scale = self.learning_rate.scale = scale
 
   def on_epoch_end(self, loop, stats):
     latest = self.evaluation.latest
     if latest is None or latest[0] != loop.step:
       return
     value = self.sign * latest[1] if np.isfinite(latest[1]) else np.inf
-    _, plateau = self.rule.update(None, _host(loop.state.plateau), value=value)
+    _, plateau = self.rule.update(None, distributed.host_copy(loop.state.plateau), value=value)
     plateau = jax.device_get(plateau)
     if float(plateau.scale) != self.scale:
       log.info("reduce_on_plateau: the learning rate is now %g x its base",
                float(plateau.scale))
-    self.scale = float(plateau.scale)
+    self._set_scale(float(plateau.scale))
     loop.state = loop.state.replace(plateau=distributed.replicate(plateau, self.mesh))
-
-
-def _host(tree):
-  """Host copies of a replicated tree (every host holds every value)."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
 class Checkpointing(Hook):
@@ -182,29 +182,29 @@ class Checkpointing(Hook):
   """
 
   def __init__(self, checkpoints, *, every_steps: int = 0, every_seconds: float = 600.0,
-               min_seconds: float = 0.0):
+               min_seconds: float = 0.0, last_saved_step: int | None = None):
     self.checkpoints = checkpoints
     self.every_steps, self.every_seconds = every_steps, every_seconds
     self.min_seconds = min_seconds
     self.last_time = time.perf_counter()
     self.held_best: tuple | None = None  # (step, state copy, progress json) not yet on disk
+    # The newest complete checkpoint: the one the run resumed from, until it saves one.
+    self.last_saved_step = last_saved_step
 
-  def attach(self, loop: Loop) -> None:
-    loop.save_fn = self._save
-    loop.last_saved_step = self.checkpoints.latest_step()
-
-  def _save(self, loop, best):
+  def save(self, loop: Loop, *, best: bool = False) -> None:
+    """Checkpoints the loop's state and progress now (its pending metrics read first)."""
+    loop.flush()
     if self.held_best is not None and not best:
       self.checkpoints.save_best(*self.held_best)
     self.held_best = None
     self.checkpoints.save(loop.step, loop.state, loop.progress.to_json(), best=best)
-    loop.last_saved_step = loop.step
+    self.last_saved_step = loop.step
     self.last_time = time.perf_counter()
 
   def after_step(self, loop, step):
     if (self.every_steps and step % self.every_steps == 0
         and loop.progress.step_in_epoch < loop.budget.steps_per_epoch):
-      loop.save()
+      self.save(loop)
 
   def on_epoch_done(self, loop):
     p = loop.progress
@@ -213,7 +213,7 @@ class Checkpointing(Hook):
     if not (at_evaluation or p.finished or _on_every_host(since > self.every_seconds)):
       return
     if p.finished or not self.min_seconds or not _on_every_host(since < self.min_seconds):
-      loop.save(best=loop.is_best)
+      self.save(loop, best=loop.is_best)
     elif loop.is_best:  # held back: a copy, since the next step donates the state's buffers
       loop.flush()
       self.held_best = (loop.step, jax.tree_util.tree_map(lambda x: x.copy(), loop.state),
@@ -233,7 +233,8 @@ def _on_every_host(decision: bool) -> bool:
 
 
 class Preemption(Hook):
-  """SIGTERM asks the loop to save and stop at a step boundary, the same one on every host.
+  """SIGTERM asks the loop to save (through the Checkpointing hook given) and stop at a step
+  boundary, the same one on every host.
 
   One host: a Python handler sets a flag. Several hosts: each may get its SIGTERM at another
   step, and one host saving (a collective) while another trains (another collective) hangs
@@ -241,7 +242,8 @@ class Preemption(Hook):
   tells every host, and names the step at which all of them stop.
   """
 
-  def __init__(self):
+  def __init__(self, saving: Checkpointing):
+    self.saving = saving
     self.requested = False
     self._previous = None
     self._across_hosts = False
@@ -271,7 +273,7 @@ class Preemption(Hook):
 
   def after_step(self, loop, step):
     if self.reached(step):
-      loop.save()
+      self.saving.save(loop)
       loop.interrupt()
       log.warning("stopped by SIGTERM at step %d; rerun the same command to resume", step)
 

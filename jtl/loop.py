@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
+  def __init__(self, message: str, *, step: int):
+    super().__init__(message)
+    self.step = step
+
 
 @dataclasses.dataclass
 class Progress:
@@ -70,7 +74,8 @@ class Hook:
     """The metrics of `step` (1-based), read one step late; skipped steps are not shown."""
 
   def after_step(self, loop: "Loop", step: int) -> None:
-    """After `step` was dispatched: a hook may `loop.save()` or `loop.interrupt()` here."""
+    """After `step` was dispatched: a hook may save (after `loop.flush()`) or
+    `loop.interrupt()` here."""
 
   def on_epoch_end(self, loop: "Loop", stats: dict[str, float]) -> None:
     """After an epoch; `loop.progress.epoch` counts it. Evaluation and early stopping."""
@@ -83,7 +88,10 @@ class Hook:
 
 @dataclasses.dataclass
 class Loop:
-  """One run of training: `run(state)` trains until the budget is spent or a hook stops it."""
+  """One run of training: `run(state)` trains until the budget is spent or a hook stops it.
+
+  The hooks run in the order given, at every point; one that reads what another decided comes
+  after it (jtl.hooks says which)."""
   step_for_epoch: Callable[[int, Any], tuple[Callable, Any]]  # (epoch, state) -> (step, state)
   batches: Callable[..., Iterator[dict]]  # (epoch=, start_step=) -> this host's batches
   budget: Budget
@@ -92,8 +100,6 @@ class Loop:
   mesh: Any
   nonfinite_policy: str = "halt"
   max_skipped_steps: int = 10
-  save_fn: Callable[["Loop", bool], None] | None = None  # (loop, is_best): set by the checkpoint hook
-  last_saved_step: int | None = None  # newest complete checkpoint (the checkpoint hook keeps it)
   state: Any = None
   step: int = 0
   interrupted: bool = False
@@ -164,8 +170,7 @@ class Loop:
     if not bool(metrics["finite"]):
       p.skipped_steps += 1
       if self.nonfinite_policy == "halt" or p.skipped_steps > self.max_skipped_steps:
-        raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}; the last good "
-                                 f"checkpoint (step {self.last_saved_step}) is kept")
+        raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}", step=step)
       log.warning("non-finite loss at step %d skipped (%d so far)", step, p.skipped_steps)
       return
     values = {"loss": loss, "accuracy": float(metrics["accuracy"])}
@@ -174,12 +179,6 @@ class Loop:
     p.epoch_steps += 1
     for hook in self.hooks:
       hook.on_step(self, step, values)
-
-  def save(self, *, best: bool = False) -> None:
-    """Checkpoints the current state and progress now (the metrics read first)."""
-    self.flush()
-    if self.save_fn is not None:
-      self.save_fn(self, best)
 
   def interrupt(self) -> None:
     """Stops at once (preemption): the run is left to be resumed."""

@@ -1,42 +1,21 @@
-"""Prune a finished run, fine-tune each pruned model briefly, and compare them.
-
-  python -m jtl.prune --workdir runs/x --sparsity 0.5,0.7,0.9 [--method magnitude|channels]
-      [--steps N] [--scope global|per_layer] [--schedule one_shot|polynomial]
-
-magnitude: the smallest |w| of every conv / dense kernel but the head's (one global threshold,
-or --scope per_layer) set to zero and held there by the optimizer through the fine-tune
-(jtl.pruning.magnitude); --schedule polynomial prunes gradually instead (Zhu & Gupta 2017).
-channels: that fraction of the channels inside every block removed (jtl.pruning.channels):
-a smaller dense model, for the resnet, vgg and efficientnet families.
-
-Each sparsity is an ordinary engine run in runs/x/prune/<method>-<sparsity>/ (metrics,
-checkpoints, export/, loadable by `jtl.predict --workdir`), starting from the run's exported
-weights with every layer training for --steps optimizer steps (0: evaluated as pruned). Then
-runs/x/prune/summary.csv, summary.md and pruning.png: the unpruned run and every pruned run
-there, of either method (parameters, FLOPs, export size plain and gzipped, latency at batch 1
-and 32, test accuracy and macro F1). Every mistake in the arguments is one `error:` line, exit
-status 2, before any work.
+"""Pruning a finished run, as `jtl prune` asks for it (jtl/commands/prune.py): the request
+checked before any work, then every sparsity an ordinary engine run in runs/x/prune/ and the
+summaries (jtl.pruning does the pruning itself).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
-from typing import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from jtl import cli_errors  # noqa: E402
-from jtl import export  # noqa: E402
-from jtl.errors import UserError  # noqa: E402
-from jtl.pruning import channels, magnitude, runs, summary  # noqa: E402
-from jtl.run_record import RunRecord  # noqa: E402
+from jtl import export
+from jtl.errors import UserError
+from jtl import prune_runs as runs
+from jtl.pruning import channels, summary
+from jtl.run_record import RunRecord
 
 REQUIRED_FILES = ("config.json", "final_metrics.json", os.path.join(export.EXPORT_DIR, "model.json"),
                   os.path.join(export.EXPORT_DIR, "model.safetensors"))
-DEFAULT_STEPS = 100
 
 
 class PruneArgumentError(UserError, ValueError):
@@ -67,7 +46,8 @@ def check_finished_run(workdir: str) -> None:
 
 
 def check_request(args):
-  """(Request, the run's config) with every check that needs no weights or data done."""
+  """(Request, the run's config) with every check that needs no weights or data done; `args`
+  holds the command's options (jtl/commands/prune.py)."""
   check_finished_run(args.workdir)
   sparsities = parse_sparsities(args.sparsity)
   if args.steps < 0:
@@ -101,54 +81,3 @@ def prune_run(request, base) -> list[dict]:
                  sparsity)
     runs.run_one(request, base, model, sparsity)
   return summary.write_all(request.prune_dir, runs.unpruned_row(request))
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="jtl prune", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="a finished run (runs/x)")
-  parser.add_argument("--sparsity", required=True, help="comma-separated, each in [0, 1)")
-  parser.add_argument("--method", default="magnitude", choices=("magnitude", "channels"))
-  parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                      help="fine-tune optimizer steps per sparsity, rounded up to whole epochs "
-                      f"(0: evaluate as pruned; default {DEFAULT_STEPS})")
-  parser.add_argument("--scope", default="global", choices=magnitude.SCOPES,
-                      help="magnitude: one threshold over all kernels, or each layer its own")
-  parser.add_argument("--schedule", default="one_shot", choices=magnitude.SCHEDULES,
-                      help="magnitude: prune at once, or gradually over the fine-tune")
-  parser.add_argument("--rank", default="bn_scale", choices=channels.RANKINGS,
-                      help="channels: rank by |BatchNorm scale| or by kernel L2 norm")
-  parser.add_argument("--lr", type=float, default=None,
-                      help="fine-tune peak learning rate (default: a tenth of the run's)")
-  parser.add_argument("--latency-repeats", type=int, default=5,
-                      help="timed forward passes per latency figure (median)")
-  parser.add_argument("--debug", action="store_true", help="tracebacks instead of one line")
-  return parser
-
-
-class _QuietOrbax(logging.Filter):
-  """Orbax logs every checkpoint operation at INFO; keep its warnings and errors only."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger().setLevel(logging.INFO)  # absl may have installed its handler first
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(_QuietOrbax())
-  with cli_errors.reported_errors(args.debug or cli_errors.debug_requested()):
-    request, base = check_request(args)
-    try:
-      rows = prune_run(request, base)
-    except runs.Preempted as e:
-      print(f"stopped: {e}", file=sys.stderr)
-      return 1
-  print(summary.markdown_table(rows), end="")
-  print(f"wrote {os.path.join(request.prune_dir, 'summary.csv')}, summary.md, pruning.png")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -10,8 +10,9 @@ import shutil
 import jax
 
 from jtl import config as config_lib
-from jtl import distributed
+from jtl import distributed, report
 from jtl.errors import UserError
+from jtl.run_record import RUN_INFO
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,13 @@ def check_writable(workdir: str) -> None:
 
 
 def has_checkpoints(workdir: str) -> bool:
-  latest = os.path.join(workdir, "checkpoints", "latest")
-  return os.path.isdir(latest) and any(name.isdigit() for name in os.listdir(latest))
+  """Whether a run can resume here: a latest or a best checkpoint (a best one is resumable
+  too, when every latest one is damaged)."""
+  for which in ("latest", "best"):
+    directory = os.path.join(workdir, "checkpoints", which)
+    if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
+      return True
+  return False
 
 
 def saved_config(workdir: str) -> dict | None:
@@ -74,3 +80,11 @@ def prepare(config, workdir: str) -> None:
         if os.path.exists(os.path.join(workdir, name)):
           os.remove(os.path.join(workdir, name))
     distributed.sync("jtl: resume=false clean-up done")
+
+
+def write_run_files(config, record, workdir: str) -> None:
+  """config.json and run_info.json, once the run's config is final (after the range test of an
+  optimizer.lr=auto run); host 0 writes, the hosts share the workdir."""
+  if distributed.is_host0():
+    report.write_json(os.path.join(workdir, "config.json"), config_lib.to_jsonable(config))
+    record.write(os.path.join(workdir, RUN_INFO))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtl import params as P
+from jtl.hooks import Checkpointing
 from jtl.loop import Hook
 from jtl.models import registry
 
@@ -102,6 +103,14 @@ def random_variables(arch: str, seed: int = 0, num_classes: int = 7, size: int =
   return P.unflatten(random_leaves(variable_shapes(module, size), seed))
 
 
+def save_and_stop(loop) -> None:
+  """What Preemption does on SIGTERM: a checkpoint now, through the run's own Checkpointing
+  hook, then the loop stopped."""
+  saving, = (h for h in loop.hooks if isinstance(h, Checkpointing))
+  saving.save(loop)
+  loop.interrupt()
+
+
 class StopAt(Hook):
   """What Preemption does on SIGTERM (save, then stop the loop), at a chosen step."""
 
@@ -110,5 +119,4 @@ class StopAt(Hook):
 
   def after_step(self, loop, step):
     if step == self.step:
-      loop.save()
-      loop.interrupt()
+      save_and_stop(loop)

@@ -215,7 +215,6 @@ def _install_hooks(args, workdir: str) -> None:
                          "images": [hashlib.sha1(x.tobytes()).hexdigest() for x in images]})
       yield batch
   data_lib.train_batches = train_batches
-  train.data_lib.train_batches = train_batches
 
   if args.sigkill_after_save is not None:
     real_save = checkpoint.Checkpoints.save

@@ -13,6 +13,7 @@ from conftest import tiny_config, write_image_folder
 from jtl import distributed, optim, steps, train
 from jtl import params as P
 from jtl.loop import Hook
+from helpers import save_and_stop
 from jtl.models import create_model
 
 
@@ -86,7 +87,11 @@ def test_no_ema_keeps_no_copy(model):
   step = steps.make_train_step(model, plan, tiny_config("unused"), distributed.make_mesh(),
                                schedule=optax.constant_schedule(0.05), num_classes=3)
   state = step.init_state(model.variables["params"], model.variables["batch_stats"], 0)
-  assert state.ema_params == {} and steps.with_ema_weights(state).params is not None
+  assert state.ema_params == {}
+  same = steps.with_ema_weights(state)  # no average: the raw weights, leaf for leaf
+  assert jax.tree_util.tree_structure(same.params) == jax.tree_util.tree_structure(state.params)
+  for a, b in zip(jax.tree_util.tree_leaves(same.params), jax.tree_util.tree_leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 class _Watch(Hook):
@@ -97,8 +102,7 @@ class _Watch(Hook):
 
   def after_step(self, loop, step):
     if step == self.stop_at:
-      loop.save()
-      loop.interrupt()
+      save_and_stop(loop)
 
   def on_epoch_end(self, loop, stats):
     if loop.is_best:  # set by the engine's Evaluation, which runs first
@@ -170,6 +174,8 @@ def test_the_export_holds_the_better_of_raw_and_ema(whole):
 @pytest.mark.fast
 def test_the_choice_follows_the_metric():
   """A tie keeps the raw weights; val_loss prefers the lower one."""
-  from jtl.hooks import improved
-  assert not improved("val_accuracy", 0.5, 0.5, 0.0)
-  assert improved("val_loss", 0.4, 0.5, 0.0) and not improved("val_loss", 0.6, 0.5, 0.0)
+  from jtl.evaluation import Splits
+  accuracy, loss = Splits("val", "test", "val_accuracy"), Splits("val", "test", "val_loss")
+  assert not accuracy.improved(0.5, 0.5) and accuracy.improved(0.6, 0.5)
+  assert loss.improved(0.4, 0.5) and not loss.improved(0.6, 0.5)
+  assert not accuracy.improved(0.55, 0.5, min_delta=0.1) and accuracy.improved(0.7, 0.5, 0.1)

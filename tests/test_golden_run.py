@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import run_helpers as rh
-from helpers import without_timings
+from helpers import save_and_stop, without_timings
 from conftest import tiny_config, write_image_folder
 from jtl.loop import Hook
 from jtl import checkpoint as checkpoint_lib
@@ -260,8 +260,7 @@ def test_preempted_on_the_last_step_of_an_epoch_resumes_to_the_same_run(golden, 
   class StopAt(Hook):  # what Preemption does on SIGTERM, at a chosen step
     def after_step(self, loop, step):
       if step == 6:
-        loop.save()
-        loop.interrupt()
+        save_and_stop(loop)
   assert train.train_and_evaluate(config, workdir, extra_hooks=[StopAt()]) == {
       "preempted": True, "step": 6}
   assert rh.checkpoint_arrays(workdir, 6)[1]["step_in_epoch"] == 6

@@ -17,6 +17,7 @@ import run_helpers as rh
 from conftest import tiny_config, write_image_folder
 from jtl import config as config_lib
 from jtl import lr_find, train
+from jtl.lr_find import driver
 from helpers import StopAt
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -134,7 +135,7 @@ def test_the_command_refuses_a_workdir_that_holds_a_training_run(tmp_path):
   workdir = tmp_path / "run"
   (workdir / "checkpoints" / "latest" / "3").mkdir(parents=True)
   with pytest.raises(train.WorkdirError, match="holds a training run"):
-    train.lr_range_test(tiny_config(str(tmp_path / "data")), str(workdir))
+    driver.lr_range_test(tiny_config(str(tmp_path / "data")), str(workdir))
   assert os.listdir(workdir) == ["checkpoints"]
 
 
@@ -157,7 +158,7 @@ def jax_cache(tmp_path_factory):
 def test_the_finder_writes_its_curve_and_a_suggestion_below_the_divergence(data, tmp_path,
                                                                           jax_cache):
   workdir = str(tmp_path / "lrf")
-  result = train.lr_range_test(tiny_config(data, **FINDER), workdir)
+  result = driver.lr_range_test(tiny_config(data, **FINDER), workdir)
   with open(os.path.join(workdir, "lr_find.json")) as f:
     saved = json.load(f)
   assert saved == result
@@ -181,14 +182,14 @@ def test_a_training_split_smaller_than_a_batch_is_one_error_before_any_work(tmp_
   workdir = tmp_path / "lrf"
   with pytest.raises(config_lib.ConfigError,
                      match=r"config\.batch_size=8 is larger than the training split \(3 "):
-    train.lr_range_test(tiny_config(root, **FINDER), str(workdir))
+    driver.lr_range_test(tiny_config(root, **FINDER), str(workdir))
   assert not workdir.exists() or os.listdir(workdir) == []
 
 
 def test_the_command_prints_one_error_line_for_a_split_smaller_than_a_batch(tmp_path):
   root = str(tmp_path / "small")
   write_image_folder(root, per_class=2, splits=("train",))
-  args = [sys.executable, "-m", "jtl.lr_find", "--config", "configs/partial_ft.py",
+  args = [sys.executable, "-m", "jtl", "lr-find", "--config", "configs/partial_ft.py",
           "--workdir", str(tmp_path / "lrf"), f"--config.dataset=folder:{root}",
           "--config.pretrained=none", "--config.optimizer.lr=auto", "--config.batch_size=8",
           "--config.val_fraction=0.25"]

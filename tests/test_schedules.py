@@ -17,6 +17,7 @@ from jtl import config as config_lib
 from jtl import distributed, hooks, optim, train
 from jtl import params as P
 from jtl.config import default_config
+from jtl.evaluation import Splits
 from helpers import StopAt
 from jtl.models import create_model
 from jtl.steps import TrainState, make_train_step
@@ -73,8 +74,9 @@ def _drive_plateau(values, *, higher_is_better=True, **schedule):
                      plateau=distributed.replicate(optim.initial_plateau_state({"w": np.zeros(1,
                                                    np.float32)}), mesh))
   evaluation = _FakeEvaluation()
-  hook = hooks.PlateauSchedule(evaluation, optim.plateau_rule(config), mesh,
-                               higher_is_better=higher_is_better)
+  evaluation.splits = Splits("val", "test", "val_accuracy" if higher_is_better else "val_loss")
+  learning_rate = hooks.LearningRate(optax.constant_schedule(1.0), grad_accum_steps=1)
+  hook = hooks.PlateauSchedule(evaluation, optim.plateau_rule(config), mesh, learning_rate)
   loop = types.SimpleNamespace(state=state, step=0)
   hook.on_epoch_start(loop)
   scales = []
@@ -82,8 +84,9 @@ def _drive_plateau(values, *, higher_is_better=True, **schedule):
     loop.step += 3
     evaluation.latest = (loop.step, value)
     hook.on_epoch_end(loop, {})
-    assert float(loop.state.plateau.scale) == hook.current_scale()  # host copy = device state
-    scales.append(hook.current_scale())
+    # The logged rate's scale is the host copy of the device state's.
+    assert float(loop.state.plateau.scale) == learning_rate.scale == learning_rate(loop.step)
+    scales.append(learning_rate.scale)
   return scales
 
 

@@ -13,6 +13,7 @@ from conftest import tiny_config
 from jtl import config as config_lib
 from jtl import params as P
 from jtl import train
+from jtl.loop import Hook
 from jtl.models import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def test_run_leaves_the_documented_outputs(image_folder, tmp_path):
 def test_predict_uses_the_runs_head_and_labels(image_folder, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(image_folder, num_epochs=3), workdir)
-  from jtl.predict import main
+  from jtl.commands.predict import main
   image = os.path.join(image_folder, "test", "class_2", "0.png")
   capsys.readouterr()
   assert main(["--workdir", workdir, "--json", "--top", "2", image]) == 0
@@ -59,27 +60,28 @@ def test_predict_uses_the_runs_head_and_labels(image_folder, tmp_path, capsys):
   assert len(result[0]["top"]) == 2
 
 
-def test_restart_after_a_crash_reaches_the_same_parameters(image_folder, tmp_path, monkeypatch):
+class _CrashAtBatch(Hook):
+  """A crash (KeyboardInterrupt) as the n-th batch of the run is about to be fed."""
+
+  def __init__(self, n: int):
+    self.n, self.seen = n, 0
+
+  def on_batch(self, loop, batch):
+    self.seen += 1
+    if self.seen == self.n:
+      raise KeyboardInterrupt("simulated crash")
+    return batch
+
+
+def test_restart_after_a_crash_reaches_the_same_parameters(image_folder, tmp_path):
   config = tiny_config(image_folder, num_epochs=3, checkpoint_every_steps=2)
   straight = str(tmp_path / "straight")
   train.train_and_evaluate(config, straight)
 
   crashed = str(tmp_path / "crashed")
-  real_batches = train.data_lib.train_batches
-  calls = {"n": 0}
-
-  def crashing_batches(*args, **kwargs):
-    for batch in real_batches(*args, **kwargs):
-      calls["n"] += 1
-      # 3 steps per epoch; the 6th batch is mid-epoch 2, after the step-4 checkpoint there.
-      if calls["n"] == 6:
-        raise KeyboardInterrupt("simulated crash")
-      yield batch
-
-  monkeypatch.setattr(train.data_lib, "train_batches", crashing_batches)
+  # 3 steps per epoch; the 6th batch is mid-epoch 2, after the step-4 checkpoint there.
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, crashed)
-  monkeypatch.setattr(train.data_lib, "train_batches", real_batches)
+    train.train_and_evaluate(config, crashed, extra_hooks=[_CrashAtBatch(6)])
   assert not os.path.exists(os.path.join(crashed, "final_metrics.json"))
   train.train_and_evaluate(config, crashed)
 

@@ -118,18 +118,25 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_before_i
   _assert_same_export(damaged, reference)
 
 
+def _damage_every_checkpoint(workdir):
+  """Latest and best: a best checkpoint is resumable too, when it is intact."""
+  for which in ("latest", "best"):
+    for step in rh.checkpoint_steps(workdir, which):
+      truncate(largest_data_file(workdir, which, step))
+
+
 def test_every_checkpoint_damaged_is_one_error_and_nothing_is_deleted(interrupted, tmp_path):
   source, config = interrupted
   workdir = str(tmp_path / "run")
   shutil.copytree(source, workdir)
-  for step in (6, 9):
-    truncate(largest_data_file(workdir, "latest", step))
+  _damage_every_checkpoint(workdir)
   before = sorted(os.path.getsize(f) for f in glob.glob(os.path.join(workdir, "checkpoints",
                                                                      "**", "*"), recursive=True)
                   if os.path.isfile(f))
   with pytest.raises(CheckpointDamagedError) as error:
     train.train_and_evaluate(config, workdir)
-  assert "6" in str(error.value) and "9" in str(error.value)
+  assert "latest step 9" in str(error.value) and "latest step 6" in str(error.value)
+  assert "best step" in str(error.value)
   after = sorted(os.path.getsize(f) for f in glob.glob(os.path.join(workdir, "checkpoints",
                                                                     "**", "*"), recursive=True)
                  if os.path.isfile(f))
@@ -140,8 +147,7 @@ def test_the_cli_ends_with_the_one_error_line_and_no_shutdown_noise(interrupted,
   source, _ = interrupted
   workdir = str(tmp_path / "run")
   shutil.copytree(source, workdir)
-  for step in (6, 9):
-    truncate(largest_data_file(workdir, "latest", step))
+  _damage_every_checkpoint(workdir)
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
       "import sys\n"

@@ -13,9 +13,8 @@ lies from the cliff), and by construction it lies inside the sweep and below the
 the loss diverged.
 
 The sweep and the suggestion are plain functions of a loss-per-step callable and of arrays, so
-they are tested without training; `range_test` feeds them a compiled step (jtl.train builds it
-with the run's optimizer, freezing, layer decay and clipping: `find_learning_rate`).
-`python -m jtl.lr_find` is the command (jtl/lr_find/__main__.py).
+they are tested without training; `range_test` feeds them a compiled step (jtl.lr_find.driver
+builds it with the run's optimizer, freezing, layer decay and clipping: `find_learning_rate`).
 """
 from __future__ import annotations
 

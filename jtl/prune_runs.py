@@ -1,4 +1,4 @@
-"""One pruned run: its starting weights, its fine-tune as an ordinary engine run (metrics,
+"""One pruned run (jtl.prune runs one per sparsity): its starting weights, its fine-tune as an ordinary engine run (metrics,
 checkpoints, export like any run) or, with no steps, an evaluation alone; then its measurements.
 
 Each run is written in a hidden `.<name>.partial` directory beside its final name and renamed
@@ -10,14 +10,13 @@ import dataclasses
 import logging
 import os
 import shutil
-import types
 
 import jax
 import ml_collections
 import numpy as np
 
 from jtl import config as config_lib
-from jtl import distributed, evaluation, export, report, train
+from jtl import export, final, plan, report, train
 from jtl import params as P
 from jtl import workdir as workdir_lib
 from jtl.pruning import channels, magnitude, measure, recalibrate, summary
@@ -125,38 +124,26 @@ def _original(request: Request) -> str:
   return os.path.join(request.workdir, export.EXPORT_DIR, "model.safetensors")
 
 
-def recalibrate_start(config, start_file: str, scratch: str) -> None:
+def recalibrate_start(config, start_file: str) -> None:
   """Rewrites the pruned starting weights with BatchNorm statistics measured on the training
   split (jtl.pruning.recalibrate: the unpruned network's statistics no longer fit)."""
-  os.makedirs(scratch, exist_ok=True)  # open_inputs writes the run's config.json there
-  try:
-    inputs = train.open_inputs(config, scratch)  # the pruned model, loaded from start_file
-    variables = recalibrate.recalibrated(inputs.model, inputs.dataset, inputs.preprocess,
-                                         batch_size=config.batch_size)
-    save_weights(start_file, jax.device_get(dict(variables)))
-  finally:
-    shutil.rmtree(scratch, ignore_errors=True)
+  inputs = plan.open_inputs(config)  # the pruned model, loaded from start_file
+  variables = recalibrate.recalibrated(inputs.model, inputs.dataset, inputs.preprocess,
+                                       batch_size=config.batch_size)
+  save_weights(start_file, jax.device_get(dict(variables)))
 
 
 def evaluate_only(config, workdir: str) -> dict:
-  """A run of no steps: the starting weights evaluated on the test split and exported."""
+  """A run of no steps: the starting weights tested, exported and reported like any run's."""
   workdir_lib.check_writable(workdir)
-  inputs = train.open_inputs(config, workdir)
-  training = train.plan_training(inputs, config)
-  variables = inputs.model.variables
-  # evaluation.evaluate reads .params and .batch_stats: the weights, replicated as in a run.
-  state = types.SimpleNamespace(
-      params=distributed.replicate(variables["params"], inputs.mesh),
-      batch_stats=distributed.replicate(variables.get("batch_stats", {}), inputs.mesh))
-  split = "test" if inputs.dataset.has_split("test") else "val"
-  result = evaluation.evaluate(training.eval_fn, state, training.eval_batches(split),
-                               inputs.mesh, inputs.class_names)
-  final = evaluation.final_metrics(result, split)
-  final.update(trainable_params=0, total_params=P.count(variables["params"]), steps=0,
-               train_seconds=0.0)
-  export.export_model(workdir, jax.device_get(dict(variables)), inputs.record)
-  report.write_json(os.path.join(workdir, "final_metrics.json"), final)
-  return final
+  inputs = plan.open_inputs(config, report_dir=workdir)
+  workdir_lib.write_run_files(config, inputs.record, workdir)
+  run = plan.plan_run(inputs, config)
+  finished = final.evaluate_and_export(
+      run, plan.StepsByEpoch(run).initial_state(), workdir,
+      fields=dict(trainable_params=0, total_params=P.count(inputs.model.variables["params"]),
+                  steps=0, train_seconds=0.0))
+  return finished.metrics
 
 
 class Preempted(Exception):
@@ -190,7 +177,7 @@ def run_one(request: Request, base, model, sparsity: float) -> str:
   start, widths = start_weights(request, model, sparsity)
   config = finetune_config(base, request, sparsity, start, widths)
   if start != _original(request):
-    recalibrate_start(config, start, os.path.join(request.prune_dir, f".{name}.recalibrate"))
+    recalibrate_start(config, start)
   if request.steps > 0:
     final = train.train_and_evaluate(config, partial)
     if final.get("preempted"):
