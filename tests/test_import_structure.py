@@ -144,3 +144,62 @@ def test_no_import_cycles():
   cycles = find_cycles(graph)
   assert not cycles, "import cycles in jtl/ (function-level imports counted):\n" + "\n".join(
       _describe(c, graph) for c in cycles)
+
+
+# The layers, lowest first: a module may import its own layer and the ones below, never one
+# above. A unit is a top-level module or package of jtl (a package is one unit: all its modules
+# share its layer). The package root `jtl` itself is left out (it re-exports create_model).
+LAYERS = (
+    # Foundations: nothing of jtl's below them.
+    ("errors", "params", "distributed", "budget", "metrics", "run_record", "report", "lock"),
+    # The pieces a run is made of: config, data, weights, models, deployment formats.
+    ("config", "config_file", "class_weights", "workdir", "data", "weights", "models", "deploy"),
+    # The engine's parts: optimizer and steps, evaluation, the loop, its hooks, checkpoints,
+    # the feature cache, pruning's transforms, the export and prediction of finished runs.
+    ("optim", "pruning", "steps", "evaluation", "feature_cache", "loop", "hooks", "checkpoint",
+     "error_analysis", "report_md", "export", "predict"),
+    # Runs: planned, trained, finished; the range test, pruned runs, ablation studies.
+    ("plan", "final", "train", "lr_find", "prune_runs", "prune", "ablation"),
+    # Commands: argument parsing and one-line errors, the `jtl` dispatcher.
+    ("cli_errors", "commands", "cli", "main", "__main__"),
+)
+
+
+def _unit(module: str) -> str | None:
+  parts = module.split(".")
+  return parts[1] if len(parts) > 1 else None
+
+
+def _layer_of() -> dict[str, int]:
+  return {unit: i for i, units in enumerate(LAYERS) for unit in units}
+
+
+def test_every_module_has_a_layer():
+  layer = _layer_of()
+  missing = sorted({_unit(m) for m in _modules() if _unit(m) and _unit(m) not in layer})
+  assert not missing, f"jtl modules in no layer of LAYERS: {missing}"
+
+
+def test_no_import_from_a_lower_layer_to_a_higher_one():
+  layer, graph = _layer_of(), import_graph()
+  upward = []
+  for module, targets in graph.items():
+    source = _unit(module)
+    for target, where in targets.items():
+      if source is None or _unit(target) is None:
+        continue
+      if layer[_unit(target)] > layer[source]:
+        upward.append(f"  {module} (layer {layer[source]}) imports {target} (layer "
+                      f"{layer[_unit(target)]}) at {where}")
+  assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(sorted(upward))
+
+
+def test_the_library_never_imports_the_study_scripts():
+  for module, path in _modules().items():
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+               else [])
+      assert not any(n == "experiments" or n.startswith("experiments.") for n in names), (
+          f"{path}:{node.lineno} imports the top-level experiments package")
