@@ -28,7 +28,7 @@ demo: demo-data
 	$(PY) -m jtl.main --config configs/partial_ft.py --workdir runs/demo
 
 test: venv
-	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile tests
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile --durations=25 tests
 
 # The unit tests alone (markers in tests/conftest.py): no training runs, no child processes.
 test-fast: venv
