@@ -18,25 +18,22 @@ flight and joins Orbax's threads, also when an error is on its way up.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import dataclasses
 import hashlib
 import itertools
 import logging
 import os
-import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jtl.checkpoint_reads import settled_reads
 from jtl.errors import UserError
 
 DIGEST_KEY = "state_digest"  # in the meta item; stripped from the meta handed back
-SETTLE_SECONDS = 60.0  # longest wait for reads still in flight when a failed restore ends
 
 
 class CheckpointWriteError(OSError):
@@ -254,7 +251,7 @@ class Checkpoints:
   def _read_meta(manager, step: int) -> dict:
     """The meta item of `step` (with its digest); raises _Unreadable when it cannot be read."""
     try:
-      with _settled_reads():
+      with settled_reads():
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # missing files, bad JSON, ...: whatever Orbax raises
       raise _Unreadable(_reason(e)) from e
@@ -267,7 +264,7 @@ class Checkpoints:
     """The state of `step`, checked against meta's digest (which is removed from meta)."""
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
-      with _settled_reads():
+      with settled_reads():
         state = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:  # TensorStore's OUT_OF_RANGE, DATA_LOSS, a missing item, ...
@@ -359,67 +356,6 @@ class Checkpoints:
           logging.debug("closing %s: %s", manager.directory, e)
 
 
-class _SettlingLoop(asyncio.SelectorEventLoop):
-  """An event loop that lets the tasks begun on it finish before it closes.
-
-  Orbax runs each restore on a fresh loop (asyncio_utils.run_sync) and closes it as soon as the
-  restore raises. When one array of a damaged checkpoint fails to read, TensorStore is still
-  reading the others; each read, finishing, calls the closed loop from a TensorStore thread, and
-  Python prints a `RuntimeError: Event loop is closed` traceback for it: one per array still in
-  flight, interleaved, whenever the reads end (above or below the command's error line).
-  """
-
-  def __init__(self):
-    super().__init__()
-    self._begun: set[asyncio.Task] = set()
-
-  def create_task(self, coro, **kwargs):
-    task = super().create_task(coro, **kwargs)
-    self._begun.add(task)
-    task.add_done_callback(self._begun.discard)
-    return task
-
-  def close(self) -> None:
-    if not self.is_closed() and not self.is_running():
-      pending = set(self._begun)
-      if pending:
-        self.run_until_complete(asyncio.wait(pending, timeout=SETTLE_SECONDS))
-      for task in pending:  # their failures repeat the one the restore raised: retrieved here
-        if task.done() and not task.cancelled():
-          task.exception()
-      self.run_until_complete(self.shutdown_default_executor())
-    super().close()
-
-
-class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
-  _loop_factory = _SettlingLoop
-
-
-_settling = threading.Lock()
-_settling_depth = 0
-_policy_before: asyncio.AbstractEventLoopPolicy | None = None
-
-
-@contextlib.contextmanager
-def _settled_reads():
-  """Orbax's restores in this block run on _SettlingLoops: the event loop policy is the one way
-  to choose the loops that asyncio_utils.run_sync makes."""
-  global _settling_depth, _policy_before
-  with _settling:
-    if _settling_depth == 0:
-      _policy_before = asyncio.get_event_loop_policy()
-      asyncio.set_event_loop_policy(_SettlingPolicy())
-    _settling_depth += 1
-  try:
-    yield
-  finally:
-    with _settling:
-      _settling_depth -= 1
-      if _settling_depth == 0:
-        asyncio.set_event_loop_policy(_policy_before)
-        _policy_before = None
-
-
 def state_digest(state) -> str | None:
   """"sha256:<hex>" over every leaf's dtype, shape and bytes, in tree-flatten order.
 
@@ -450,7 +386,7 @@ def _layout_differs(manager, step: int, abstract) -> bool:
   False when the saved layout cannot be read either: then it is the files that are damaged.
   """
   try:
-    with _settled_reads():
+    with settled_reads():
       saved = manager.item_metadata(step)["state"]
   except Exception:
     return False

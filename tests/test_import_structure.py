@@ -157,7 +157,7 @@ LAYERS = (
     # The engine's parts: optimizer and steps, evaluation, the loop, its hooks, checkpoints,
     # the feature cache, pruning's transforms, the export and prediction of finished runs.
     ("optim", "pruning", "steps", "evaluation", "feature_cache", "loop", "hooks", "checkpoint",
-     "error_analysis", "report_md", "export", "predict"),
+     "checkpoint_reads", "error_analysis", "report_md", "export", "predict"),
     # Runs: planned, trained, finished; the range test, pruned runs, ablation studies.
     ("plan", "final", "train", "lr_find", "prune_runs", "prune", "ablation"),
     # Commands: argument parsing and one-line errors, the `jtl` dispatcher.
