@@ -137,8 +137,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.strategy == "lp_ft" and config.unfreeze_every_epochs:
     raise ConfigError("config.unfreeze_every_epochs does not combine with strategy='lp_ft' "
                       "(the probe already trains the head first)")
-  if not (config.dataset.startswith("folder:") or config.dataset.startswith("tfds:")):
-    raise ConfigError(f"config.dataset={config.dataset!r}: must be folder:PATH or tfds:NAME")
+  if not config.dataset.startswith(("folder:", "records:", "tfds:")):
+    raise ConfigError(f"config.dataset={config.dataset!r}: must be folder:PATH, records:DIR "
+                      f"(written by jtl convert) or tfds:NAME")
   for rule in config.trainable:
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
       raise ConfigError(f"config.trainable: each rule must be (regex, 'train'|'freeze'), got {rule!r}")
@@ -288,7 +289,7 @@ def _model_and_data(c: ml_collections.ConfigDict) -> None:
   c.inner_widths = ()               # channel-pruned block widths (jtl.prune --method channels;
                                     # resnet, vgg, efficientnet families); (): the architecture's
   # Data.
-  c.dataset = "folder:data/fashion_mnist"  # folder:PATH or tfds:NAME
+  c.dataset = "folder:data/fashion_mnist"  # folder:PATH, records:DIR (jtl convert) or tfds:NAME
   c.data_dir = ""                   # tfds data_dir ("" : tfds default)
   c.val_fraction = 0.1              # carved from train (stratified, seeded) when no val split
   c.max_train_examples = 0          # 0: all; else a stratified subset of train

@@ -113,7 +113,8 @@ def example_pixels(table, index: int, preprocess) -> np.ndarray:
   normalisation, uint8 [S, S, 3]: the pipeline's own reader and decoder (data.images), without
   decoding the whole split into memory as the dataset's cached view would."""
   one = SplitImages(table.take(np.array([index])), cache=False)
-  return eval_pixels(one.image(tf.constant(0, tf.int64)), preprocess).numpy()
+  data = tf.constant(one.encoded(0) if table.reader is not None else b"")
+  return eval_pixels(one.image(tf.constant(0, tf.int64), data), preprocess).numpy()
 
 
 # Inches: one tile (caption above its image) and the figure's title band.

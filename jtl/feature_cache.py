@@ -107,9 +107,14 @@ def variables_digest(variables) -> str:
 
 def split_fingerprint(table) -> str:
   """The files of a split as they are now: path, size and modification time of each (content
-  for in-memory records), with labels and order; an edited image changes it."""
+  for in-memory records; the conversion and record ids for records read by index), with
+  labels and order; an edited image changes it."""
   h = hashlib.sha256()
   h.update(np.asarray(table.labels, np.int32).tobytes())
+  if table.reader is not None:  # records: the conversion (its shards are checked at open)
+    h.update(table.reader.identity.encode())
+    h.update(np.asarray(table.sources, np.int64).tobytes())
+    return h.hexdigest()
   for source in table.sources:
     if table.from_files:
       st = os.stat(source)

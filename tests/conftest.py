@@ -50,6 +50,7 @@ FILE_TIERS = {
     "test_multihost.py": ("subprocess",),
     "test_nonfinite.py": ("engine",),
     "test_prune.py": ("engine",),
+    "test_records_run.py": ("engine",),
     "test_reproducibility.py": ("engine", "subprocess"),
     "test_schedules.py": ("engine",),
     "test_train.py": ("engine", "subprocess"),

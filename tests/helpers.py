@@ -120,3 +120,16 @@ class StopAt(Hook):
   def after_step(self, loop, step):
     if step == self.step:
       save_and_stop(loop)
+
+
+class CrashAtBatch(Hook):
+  """A loop hook: a crash (KeyboardInterrupt) as the n-th batch of the run is about to be fed."""
+
+  def __init__(self, n: int):
+    self.n, self.seen = n, 0
+
+  def on_batch(self, loop, batch):
+    self.seen += 1
+    if self.seen == self.n:
+      raise KeyboardInterrupt("simulated crash")
+    return batch

@@ -10,10 +10,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import tiny_config
+from helpers import CrashAtBatch
 from jtl import config as config_lib
 from jtl import params as P
 from jtl import train
-from jtl.loop import Hook
 from jtl.models import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,19 +60,6 @@ def test_predict_uses_the_runs_head_and_labels(image_folder, tmp_path, capsys):
   assert len(result[0]["top"]) == 2
 
 
-class _CrashAtBatch(Hook):
-  """A crash (KeyboardInterrupt) as the n-th batch of the run is about to be fed."""
-
-  def __init__(self, n: int):
-    self.n, self.seen = n, 0
-
-  def on_batch(self, loop, batch):
-    self.seen += 1
-    if self.seen == self.n:
-      raise KeyboardInterrupt("simulated crash")
-    return batch
-
-
 def test_restart_after_a_crash_reaches_the_same_parameters(image_folder, tmp_path):
   config = tiny_config(image_folder, num_epochs=3, checkpoint_every_steps=2)
   straight = str(tmp_path / "straight")
@@ -81,7 +68,7 @@ def test_restart_after_a_crash_reaches_the_same_parameters(image_folder, tmp_pat
   crashed = str(tmp_path / "crashed")
   # 3 steps per epoch; the 6th batch is mid-epoch 2, after the step-4 checkpoint there.
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, crashed, extra_hooks=[_CrashAtBatch(6)])
+    train.train_and_evaluate(config, crashed, extra_hooks=[CrashAtBatch(6)])
   assert not os.path.exists(os.path.join(crashed, "final_metrics.json"))
   train.train_and_evaluate(config, crashed)
 

@@ -1,4 +1,5 @@
-"""Opening a data source ("folder:PATH" or "tfds:NAME") into a Dataset of train/val/test splits."""
+"""Opening a data source ("folder:PATH", "records:DIR" or "tfds:NAME") into a Dataset of
+train/val/test splits."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,7 @@ import os
 
 import numpy as np
 
-from jtl.data import decode, folder, scan, splits, tfds_source
+from jtl.data import decode, folder, record_source, scan, splits, tfds_source
 from jtl.data.errors import DataError
 from jtl.data.images import SplitImages, SplitTable
 
@@ -131,9 +132,9 @@ def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_image
   return Dataset(f"folder:{root}", listing.class_names, tables, options.cache_decoded)
 
 
-def _open_tfds(name: str, *, data_dir, val_fraction, seed, max_train_examples,
-               cache_decoded) -> Dataset:
-  class_names, tables = tfds_source.read_tfds(name, data_dir)
+def _carved(name: str, class_names, tables: dict[str, SplitTable], *, val_fraction, seed,
+            max_train_examples, cache_decoded) -> Dataset:
+  """The Dataset of opened tables, validation carved out of train as a folder's is."""
   train = tables["train"]
   train_idx, val_idx = _carve_and_subset(train.labels, len(class_names), "val" in tables,
                                          val_fraction, seed, max_train_examples)
@@ -141,7 +142,7 @@ def _open_tfds(name: str, *, data_dir, val_fraction, seed, max_train_examples,
     tables["val"] = train.take(val_idx)
   tables["train"] = train.take(train_idx)
   ordered = {s: tables[s] for s in SPLITS if s in tables}
-  return Dataset(f"tfds:{name}", class_names, ordered, cache_decoded)
+  return Dataset(name, class_names, ordered, cache_decoded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +158,7 @@ def open_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float 
                  seed: int = 0, max_train_examples: int | None = None, bad_images: str = "fail",
                  report_dir: str | None = None,
                  options: DecodeOptions = DecodeOptions()) -> Dataset:
-  """Open "folder:PATH" or "tfds:NAME".
+  """Open "folder:PATH", "records:DIR" (written by `jtl convert`) or "tfds:NAME".
 
   val_fraction: share of each class carved (seeded, stratified) out of train when the source has
     no validation split; 0 leaves it without one.
@@ -170,11 +171,17 @@ def open_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float 
     stays >= this; 0 decodes everything at full size.
   """
   kind, _, target = spec.partition(":")
+  carve = dict(val_fraction=val_fraction, seed=seed, max_train_examples=max_train_examples,
+               cache_decoded=options.cache_decoded)
+  if kind == "records" and target:
+    name, class_names, tables = record_source.open_records(target, options.decode_min_side)
+    return _carved(name, class_names, tables, **carve)
   if kind == "folder" and target:
     return _open_folder(os.path.abspath(os.path.expanduser(target)), val_fraction=val_fraction,
                         seed=seed, max_train_examples=max_train_examples, bad_images=bad_images,
                         report_dir=report_dir, options=options)
   if kind == "tfds" and target:
-    return _open_tfds(target, data_dir=data_dir, val_fraction=val_fraction, seed=seed,
-                      max_train_examples=max_train_examples, cache_decoded=options.cache_decoded)
-  raise DataError(f"dataset spec must be 'folder:PATH' or 'tfds:NAME', got {spec!r}")
+    class_names, tables = tfds_source.open_tfds(target, data_dir)
+    return _carved(f"tfds:{target}", class_names, tables, **carve)
+  raise DataError(f"dataset spec must be 'folder:PATH', 'records:DIR' or 'tfds:NAME', "
+                  f"got {spec!r}")

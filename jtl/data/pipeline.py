@@ -119,9 +119,9 @@ def train_batches(ds: Dataset, *, batch_size: int, preprocess: Preprocess, augme
   key_spec = tf.TensorSpec([2], example_key.dtype)
 
   def build_load():
-    def load(index, epoch_key):
+    def load(index, data, epoch_key):
       key = tf.random.experimental.stateless_fold_in(epoch_key, index)
-      pixels = train_pixels(images.image(index), key, preprocess, augment)
+      pixels = train_pixels(images.image(index, data), key, preprocess, augment)
       return pixels, tf.gather(images.labels, index)
     return load
 
@@ -137,16 +137,17 @@ def train_batches(ds: Dataset, *, batch_size: int, preprocess: Preprocess, augme
     return finish
 
   load = _traced(images, "train_load", (preprocess, augment),
-                 [tf.TensorSpec([], tf.int64), key_spec], build_load)
+                 [tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string), key_spec],
+                 build_load)
   finish = _traced(images, "train_finish",
                    (preprocess, augment, num_classes, process_index, process_count),
                    [tf.TensorSpec([], tf.int64),
                     tf.TensorSpec([None, preprocess.image_size, preprocess.image_size, 3],
                                   tf.uint8),
                     tf.TensorSpec([None], tf.int32), key_spec], build_finish)
-  data = (tf.data.Dataset.from_tensor_slices(mine.astype(np.int64))
-          .map(lambda index: load(index, example_key), num_parallel_calls=tf.data.AUTOTUNE,
-               deterministic=True)
+  data = (images.examples(mine)
+          .map(lambda index, encoded: load(index, encoded, example_key),
+               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .batch(batch_size, drop_remainder=True)
           .enumerate(start=start_step)
           .map(lambda step, batch: finish(step, *batch, batch_key),
@@ -184,18 +185,19 @@ def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Prepro
   shape = [tta_lib.num_views(tta), size, size, 3] if tta else [size, size, 3]
 
   def build_load():
-    def pixels(index):
+    def pixels(index, data):
+      image = images.image(index, data)
       if tta:
-        return tta_lib.view_pixels(images.image(index), preprocess, tta)
+        return tta_lib.view_pixels(image, preprocess, tta)
       if augment is not None:
         key = tf.random.experimental.stateless_fold_in(view_key, index)
-        return train_pixels(images.image(index), key, preprocess, augment)
-      x = eval_pixels(images.image(index), preprocess)
+        return train_pixels(image, key, preprocess, augment)
+      x = eval_pixels(image, preprocess)
       return tf.reverse(x, [1]) if view == 1 else x
 
-    def load(index):
+    def load(index, data):
       def real():
-        return pixels(index), tf.gather(images.labels, index), tf.constant(True)
+        return pixels(index, data), tf.gather(images.labels, index), tf.constant(True)
 
       def padding():
         return tf.zeros(shape, tf.uint8), tf.constant(0, tf.int32), tf.constant(False)
@@ -203,9 +205,9 @@ def eval_batches(ds: Dataset, split: str, *, batch_size: int, preprocess: Prepro
     return load
 
   load = _traced(images, "eval_load", (preprocess, view, augment, seed, tta),
-                 [tf.TensorSpec([], tf.int64)], build_load)
+                 [tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)], build_load)
 
-  data = (tf.data.Dataset.from_tensor_slices(indices)
+  data = (images.examples(indices)
           .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .batch(batch_size)
           .map(lambda pixels, label, mask: (normalize(pixels, preprocess), label, mask),

@@ -1,15 +1,21 @@
 """A TensorFlow Datasets source: "tfds:NAME" (NAME may carry a config and version, "a/b:1.0.0").
 
-Each split is read once, with image decoding skipped, into memory as encoded bytes; the pipeline
-then decodes by index like a folder. That suits the small and medium datasets transfer learning
-uses (fashion_mnist ~ 30 MiB, tf_flowers ~ 220 MiB encoded); ImageNet-sized ones would not fit.
+A dataset prepared in array_record format (`tfds build NAME --file_format array_record`, or
+`tfds convert_format` for one prepared as TFRecord) is read by index through tfds.data_source:
+nothing is loaded (jtl.data.record_source). One prepared only as TFRecord allows no random
+access: each split is read once, with image decoding skipped, into memory as encoded bytes, and
+the pipeline decodes by index like a folder. That suits the datasets transfer learning mostly
+uses (fashion_mnist ~ 30 MiB, tf_flowers ~ 220 MiB encoded); above a memory budget the open
+fails and names the command that converts the dataset.
 Nothing is downloaded here: a dataset must have been prepared in data_dir beforehand.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from jtl.data import decode
+from jtl.data import decode, record_source
 from jtl.data.errors import DataError
 from jtl.data.images import SplitTable
 from jtl.data.tf_setup import tf
@@ -18,7 +24,7 @@ from jtl.data.tf_setup import tf
 SPLIT_NAMES = {"train": "train", "validation": "val", "test": "test"}
 
 
-def _keys(info) -> tuple[str, str]:
+def image_and_label_keys(info) -> tuple[str, str]:
   if info.supervised_keys and len(info.supervised_keys) == 2:
     image_key, label_key = info.supervised_keys
     if isinstance(image_key, str) and isinstance(label_key, str):
@@ -55,12 +61,68 @@ def _read_split(builder, split: str, image_key: str, label_key: str, image_shape
       widths=np.full(n, width if width else -1, np.int32))
 
 
+def in_memory_budget_bytes() -> int:
+  """The most encoded bytes a TFRecord-format dataset may hold to be read into memory: a quarter
+  of the RAM (decoded images, the model and the feature cache need the rest)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+  except (ValueError, OSError, AttributeError):
+    return 4 * 2**30
+
+
+def _columns_cache_dir() -> str:
+  return os.path.expanduser(os.environ.get("JTL_CACHE_DIR")
+                            or os.path.join("~", ".cache", "jtl", "features"))
+
+
+def _is_array_record(info) -> bool:
+  from tensorflow_datasets.core import file_adapters  # pylint: disable=import-outside-toplevel
+  try:
+    return bool(info.splits) and info.file_format == file_adapters.FileFormat.ARRAY_RECORD
+  except (AttributeError, ValueError):
+    return False
+
+
+def _check_fits_in_memory(name: str, info, data_dir: str) -> None:
+  size = sum(int(getattr(info.splits[s], "num_bytes", 0) or 0) for s in SPLIT_NAMES
+             if info.splits and s in info.splits)
+  budget = in_memory_budget_bytes()
+  if size > budget:
+    raise DataError(
+        f"tfds dataset {name!r} is prepared as TFRecord ({size / 2**30:.1f} GiB), which jtl "
+        f"can only read whole into memory, and that is more than the budget of "
+        f"{budget / 2**30:.1f} GiB; convert it once for reading by index: "
+        f"`tfds convert_format --root_data_dir {data_dir} --out_file_format array_record` "
+        f"(then dataset=tfds:{name} streams), or `jtl convert tfds:{name} OUT --data_dir "
+        f"{data_dir}` (then dataset=records:OUT)")
+
+
+def open_tfds(name: str, data_dir: str | None) -> tuple[tuple[str, ...], dict[str, SplitTable]]:
+  """(class names, {our split: table}): read by index when prepared as array_record, else
+  loaded into memory (read_tfds) when it fits."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  builder = tfds.builder(name, data_dir=data_dir)
+  info = builder.info
+  if not _is_array_record(info):
+    _check_fits_in_memory(name, info, builder.data_dir)
+    return read_tfds(name, data_dir)
+  image_key, label_key = image_and_label_keys(info)
+  shape = info.features[image_key].shape
+  static_shape = shape[:2] if shape and None not in shape[:2] else None
+  splits = {s: ours for s, ours in SPLIT_NAMES.items() if s in info.splits}
+  tables = record_source.open_tfds_array_record(builder, image_key, label_key, static_shape,
+                                                splits, _columns_cache_dir())
+  if "train" not in tables:
+    raise DataError(f"tfds dataset {name!r} has no train split (has {list(info.splits)})")
+  return tuple(info.features[label_key].names), tables
+
+
 def read_tfds(name: str, data_dir: str | None) -> tuple[tuple[str, ...], dict[str, SplitTable]]:
   """(class names, {our split: table}) for the splits the dataset has."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   builder = tfds.builder(name, data_dir=data_dir)
   info = builder.info
-  image_key, label_key = _keys(info)
+  image_key, label_key = image_and_label_keys(info)
   class_names = tuple(info.features[label_key].names)
   shape = info.features[image_key].shape
   static_shape = shape if shape and None not in shape[:2] else None
