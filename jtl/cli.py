@@ -15,6 +15,7 @@ COMMANDS = {  # the command's name -> its module, whose main(argv) -> int parses
     "ablate": "jtl.commands.ablate",
     "prune": "jtl.commands.prune",
     "report": "jtl.commands.report",
+    "convert": "jtl.commands.convert",
 }
 
 USAGE = """usage: jtl COMMAND [ARGS...]   (jtl COMMAND --help for its options)
@@ -28,6 +29,7 @@ USAGE = """usage: jtl COMMAND [ARGS...]   (jtl COMMAND --help for its options)
   jtl ablate --config configs/partial_ft.py --out runs/ablation [--grid KEY=V1,V2 ...]
   jtl prune --workdir runs/x --sparsity 0.5,0.7,0.9 [--method magnitude|channels] [--steps N]
   jtl report --workdir runs/x
+  jtl convert folder:PATH|tfds:NAME OUT [--data_dir DIR] [--bad_images fail|skip]
 """
 
 

@@ -213,3 +213,18 @@ def test_damaged_records_fail_at_open_naming_the_file(converted, tmp_path, damag
   copy = _damaged_copy(converted, tmp_path, damage)
   with pytest.raises(DataError, match=message):
     data.open_dataset(f"records:{copy}")
+
+
+def test_jtl_convert_command_writes_records_and_reports_mistakes_in_one_line(tmp_path, capsys):
+  from jtl import cli
+  folder = str(tmp_path / "folder")
+  write_image_folder(folder, splits=("train",), per_class=3)
+  out = str(tmp_path / "out")
+  assert cli.main(["convert", f"folder:{folder}", out]) == 0
+  assert f"records:{out}" in capsys.readouterr().out
+  assert data.open_dataset(f"records:{out}", val_fraction=0).num_examples("train") == 9
+  with pytest.raises(SystemExit) as exited:
+    cli.main(["convert", f"folder:{tmp_path / 'nowhere'}", str(tmp_path / "out2")])
+  assert exited.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("error:") == 1 and "nowhere" in err and "Traceback" not in err

@@ -119,11 +119,9 @@ def open_tfds_array_record(builder, image_key: str, label_key: str, static_shape
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   tables = {}
   for tfds_split, ours in splits.items():
-    source = tfds.data_source(builder.info.full_name.split("/")[0], split=tfds_split,
-                              data_dir=builder.data_dir, download=False,
-                              builder_kwargs={"config": builder.builder_config}
-                              if builder.builder_config else None,
-                              decoders={image_key: tfds.decode.SkipDecoding()})
+    # What tfds.data_source returns, from the builder already opened.
+    source = builder.as_data_source(split=tfds_split,
+                                    decoders={image_key: tfds.decode.SkipDecoding()})
     n = len(source)
     key = hashlib.sha256(f"{builder.data_dir}\0{builder.info.full_name}\0{tfds_split}\0{n}"
                          .encode()).hexdigest()[:24]
