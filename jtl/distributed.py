@@ -79,3 +79,17 @@ def shared_run_id() -> str:
     from jax.experimental import multihost_utils
     token = np.asarray(multihost_utils.broadcast_one_to_all(token))
   return "".join(f"{int(x):08x}" for x in token)
+
+
+def all_gather_json(value) -> list:
+  """Every host's `value` (anything json can write), in process order, on every host."""
+  import json  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+  payload = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.int64(len(payload))))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(payload)] = payload
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]

@@ -55,10 +55,14 @@ class ScalarLog(Hook):
 
 
 class ProgressBar(Hook):
-  """A tqdm bar per epoch on host 0, with the loss and images per second."""
+  """A tqdm bar per epoch on host 0, with the loss, images per second, the time per step and
+  the share of it spent waiting for input; the log gets the same figures per epoch and a
+  warning when training waited on its input pipeline for more than `input_wait_warning` of
+  the epoch (decoding and augmentation, not the model, then set the pace)."""
 
-  def __init__(self, steps_per_epoch: int, batch_size: int):
+  def __init__(self, steps_per_epoch: int, batch_size: int, input_wait_warning: float = 0.2):
     self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
+    self.input_wait_warning = input_wait_warning
     self.bar = None
 
   def on_epoch_start(self, loop):
@@ -67,26 +71,47 @@ class ProgressBar(Hook):
     self.bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch,
                     desc=f"epoch {p.epoch + 1}/{loop.budget.num_epochs}", unit="step",
                     leave=False, dynamic_ncols=True)
-    self.last, self.images = time.perf_counter(), 0
+    self.last = self.epoch_start = time.perf_counter()
+    self.steps = self.epoch_steps = 0
+    self.waited = self.epoch_waited = loop.input_seconds
 
   def on_step(self, loop, step, metrics):
     if self.bar is None:
       return
     now = time.perf_counter()
-    self.images += self.batch_size
+    self.steps += 1
+    self.epoch_steps += 1
     if now - self.last > 1.0:
+      seconds = now - self.last
       self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                           img_s=f"{self.images / (now - self.last):.0f}")
-      self.last, self.images = now, 0
+                           img_s=f"{self.steps * self.batch_size / seconds:.0f}",
+                           step_ms=f"{1000 * seconds / self.steps:.0f}",
+                           input_wait=f"{(loop.input_seconds - self.waited) / seconds:.0%}")
+      self.last, self.steps, self.waited = now, 0, loop.input_seconds
     self.bar.update(1)
 
   def on_epoch_end(self, loop, stats):
+    if self.bar is None:
+      return
+    self.bar.close()
+    self.bar = None
+    seconds = time.perf_counter() - self.epoch_start
+    if not self.epoch_steps or seconds <= 0:
+      return
+    waited = (loop.input_seconds - self.epoch_waited) / seconds
+    log.info("epoch %d: %.0f images/s, %.0f ms/step, %.0f%% of the time waiting for input",
+             loop.progress.epoch, self.epoch_steps * self.batch_size / seconds,
+             1000 * seconds / self.epoch_steps, 100 * waited)
+    if waited > self.input_wait_warning:
+      log.warning("training waited for input %.0f%% of epoch %d: decoding and augmentation "
+                  "set the pace, not the model (more cores, a smaller decode size "
+                  "(decode_min_side), lighter augmentation, or the feature cache when the "
+                  "backbone is frozen)", 100 * waited, loop.progress.epoch)
+
+  def on_end(self, loop):  # an interrupted epoch leaves its bar open
     if self.bar is not None:
       self.bar.close()
       self.bar = None
-
-  def on_end(self, loop):  # an interrupted epoch leaves its bar open
-    self.on_epoch_end(loop, {})
 
 
 EVAL_ROW_KEYS = ("loss", "accuracy", "top5", "macro_f1", "balanced_accuracy")

@@ -107,6 +107,9 @@ class Loop:
   is_best: bool = False           # set by evaluation when this epoch's model is the best so far
   _pending: tuple | None = None
   _clock_start: float = 0.0
+  # Seconds the loop has spent blocked waiting for this host's next batch: the input pipeline
+  # keeps up while this stays a small share of the wall time (ProgressBar shows and warns).
+  input_seconds: float = 0.0
 
   def run(self, state) -> Any:
     self.state, self.step = state, int(state.step)
@@ -131,7 +134,7 @@ class Loop:
       p.start_epoch()
     for hook in self.hooks:
       hook.on_epoch_start(self)
-    for local in self.batches(epoch=p.epoch, start_step=p.step_in_epoch):
+    for local in self._timed(self.batches(epoch=p.epoch, start_step=p.step_in_epoch)):
       for hook in self.hooks:
         local = hook.on_batch(self, local)
       self.state, metrics = step_fn(self.state, distributed.global_batch(local, self.mesh))
@@ -144,6 +147,18 @@ class Loop:
         if self.interrupted:
           return
     self.flush()
+
+  def _timed(self, batches: Iterator[dict]) -> Iterator[dict]:
+    iterator = iter(batches)
+    while True:
+      start = time.perf_counter()
+      try:
+        local = next(iterator)
+      except StopIteration:
+        return
+      finally:
+        self.input_seconds += time.perf_counter() - start
+      yield local
 
   def _end_epoch(self) -> None:
     p = self.progress

@@ -18,7 +18,9 @@ inside the process so that the crash point is exact (a watcher outside would rac
                            can then be started on the same workdir while this one holds it)
 
 --record DIR leaves, per process p: steps.p<p>.jsonl (step, loss of every step read),
-batches.p<p>.jsonl (epoch, step, label and SHA-1 of each image this process fed), writes.p<p>.txt
+batches.p<p>.jsonl (epoch, step, label and SHA-1 of each image this process fed), reads.p<p>.jsonl
+(the record ids a records:DIR run fetched while feeding training, per epoch), probes.p<p>.jsonl
+(the image files its share of a folder's scan probed), writes.p<p>.txt
 (files this process's Python code opened for writing under the workdir) and result.p<p>.json.
 
 The tests also import this module for `checkpoint_arrays`, `child_env` and `run`.
@@ -206,15 +208,39 @@ def _install_hooks(args, workdir: str) -> None:
   report.RunLog.scalars = scalars
 
   real_batches = data_lib.train_batches
+  feeding = {"epoch": None}  # the training epoch being fed (evaluations never overlap one)
 
   def train_batches(*a, **kw):
+    feeding["epoch"] = kw["epoch"]
     for i, batch in enumerate(real_batches(*a, **kw)):
       images = np.asarray(batch["image"])
       record("batches", {"epoch": kw["epoch"], "step": kw.get("start_step", 0) + i,
                          "labels": np.asarray(batch["label"]).tolist(),
                          "images": [hashlib.sha1(x.tobytes()).hexdigest() for x in images]})
       yield batch
+    feeding["epoch"] = None
   data_lib.train_batches = train_batches
+
+  # The image files this process probed (a folder's scan, shared between hosts).
+  from jtl.data import decode
+  import threading
+  real_probe, probe_lock = decode.probe_file, threading.Lock()
+
+  def probe_file(path, *a, **kw):
+    with probe_lock:
+      record("probes", {"path": os.path.relpath(path, args.data)})
+    return real_probe(path, *a, **kw)
+  decode.probe_file = probe_file
+
+  # Records a run reads while it feeds training (datasets read by index: records:DIR).
+  from jtl.data import record_source
+  real_read = record_source.RecordReader.read
+
+  def read(self, record_ids):
+    if feeding["epoch"] is not None:
+      record("reads", {"epoch": feeding["epoch"], "ids": [int(i) for i in record_ids]})
+    return real_read(self, record_ids)
+  record_source.RecordReader.read = read
 
   if args.sigkill_after_save is not None:
     real_save = checkpoint.Checkpoints.save

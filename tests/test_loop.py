@@ -202,3 +202,19 @@ def test_sigterm_saves_at_a_step_boundary_and_stops_the_loop():
   assert ("after", "after_step", 4) not in events and points[-1] == "end"
   assert "epoch_end" not in points[points.index("epoch_start", 1):]
   assert loop.progress.epoch == 1 and not loop.progress.finished
+
+
+def test_time_blocked_on_input_is_counted_and_a_starved_epoch_is_reported(caplog):
+  import time
+
+  def slow_batches(epoch, start_step):
+    for batch in batches(epoch, start_step):
+      time.sleep(0.02)  # the loop must count at least this much waiting per batch
+      yield batch
+  loop = make_loop([hooks.ProgressBar(STEPS_PER_EPOCH, 2, input_wait_warning=0.0)], epochs=1)
+  loop.batches = slow_batches
+  with caplog.at_level("INFO", logger="jtl.hooks"):
+    loop.run(State(0))
+  assert loop.input_seconds >= STEPS_PER_EPOCH * 0.02
+  assert "images/s" in caplog.text and "waiting for input" in caplog.text
+  assert "training waited for input" in caplog.text

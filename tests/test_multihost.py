@@ -104,6 +104,14 @@ def test_each_host_reads_a_distinct_shard(hosts):
     assert len(set(images)) == len(images) == 24
 
 
+def test_each_host_probes_its_share_of_the_folder(hosts):
+  for run in ("first", "second"):
+    probed = [[e["path"] for e in rh.read_jsonl(os.path.join(hosts[run], f"probes.p{i}.jsonl"))]
+              for i in range(HOSTS)]
+    assert len(probed[0]) == len(probed[1]) == 18  # 36 files, each probed once, by one host
+    assert not set(probed[0]) & set(probed[1])
+
+
 def test_only_host_0_writes_the_run_files_and_orbax_one_checkpoint(hosts):
   for run in ("first", "second"):
     writes = [set(), set()]

@@ -36,8 +36,12 @@ class Dataset:
     self._tables = dict(tables)
     self._images: dict[str, SplitImages] = {}
     if cache_decoded is None:
+      # Splits read by index (records, array_record tfds) stream unless asked otherwise: they
+      # were converted so that no host reads more than its own batches.
       sizes = [t.decoded_bytes() for t in self._tables.values()]
-      cache_decoded = None not in sizes and sum(sizes) <= default_cache_budget_bytes()
+      streamed = any(t.reader is not None for t in self._tables.values())
+      cache_decoded = (not streamed and None not in sizes
+                       and sum(sizes) <= default_cache_budget_bytes())
     self.cache_decoded = bool(cache_decoded)
 
   @property
@@ -94,10 +98,12 @@ def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_image
   split_files["train"] = (paths[train_idx], labels[train_idx])
 
   # The scan covers only the files that will be used (a max_train_examples subset of a big
-  # folder is not paid for in full); it is done before anything trains.
+  # folder is not paid for in full); it is done before anything trains, each host of a
+  # multi-host run probing its share.
   order = [s for s in SPLITS if s in split_files]
   all_paths = [p for s in order for p in split_files[s][0]]
-  results = scan.scan_files(all_paths, options.max_image_pixels, options.scan_workers)
+  results = scan.scan_files_across_hosts(all_paths, options.max_image_pixels,
+                                         options.scan_workers)
   bad = [(p, r) for p, r in zip(all_paths, results) if isinstance(r, str)]
   scan.apply_bad_image_policy(bad, policy=bad_images, root=root, report_dir=report_dir)
 
@@ -166,7 +172,8 @@ def open_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float 
   bad_images (folders): "fail" raises one DataError (a ValueError) listing every unusable file;
     "skip" drops them and writes report_dir/skipped_files.txt.
   options.max_image_pixels bounds width * height.
-  options.cache_decoded: keep decoded images in memory; None decides by size (default_cache_budget_bytes).
+  options.cache_decoded: keep decoded images in memory; None decides by size
+    (default_cache_budget_bytes) for folders and in-memory tfds, and streams records.
   options.decode_min_side (folders): JPEGs are decoded at 1/2, 1/4 or 1/8 scale when their short side
     stays >= this; 0 decodes everything at full size.
   """

@@ -7,6 +7,7 @@ reads are I/O, so threads scale across cores without the pickling cost of proces
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import warnings
@@ -50,6 +51,45 @@ def scan_files(paths: Sequence[str], max_pixels: int = decode.DEFAULT_MAX_IMAGE_
       for part in pool.map(probe_chunk, chunks):
         results.extend(part)
   return results
+
+
+def host_share(paths: Sequence[str], host: int, hosts: int) -> Sequence[str]:
+  """The files host `host` of `hosts` probes: every hosts-th one (interleaved, so that a folder
+  sorted by class or by size gives each host a like share of the work)."""
+  return paths[host::hosts]
+
+
+def merge_host_shares(shares: Sequence[Sequence], count: int) -> list:
+  """The results of every host's share (host_share), back in the order of the `count` paths."""
+  merged: list = [None] * count
+  for host, share in enumerate(shares):
+    merged[host::len(shares)] = share
+  return merged
+
+
+def to_json(result: decode.ImageInfo | str):
+  return result if isinstance(result, str) else dataclasses.astuple(result)
+
+
+def from_json(value) -> decode.ImageInfo | str:
+  return value if isinstance(value, str) else decode.ImageInfo(*value)
+
+
+def scan_files_across_hosts(paths: Sequence[str], max_pixels: int, num_workers: int | None
+                            ) -> list[decode.ImageInfo | str]:
+  """scan_files, with the probing split between the hosts of a multi-host run (each probes
+  its share of the files and every host receives all results); on one host, scan_files."""
+  import jax  # pylint: disable=import-outside-toplevel
+  hosts = jax.process_count()
+  if hosts == 1:
+    return scan_files(paths, max_pixels, num_workers)
+  from jtl import distributed  # pylint: disable=import-outside-toplevel
+  mine = scan_files(host_share(list(paths), jax.process_index(), hosts), max_pixels,
+                    num_workers)
+  shares = distributed.all_gather_json([to_json(r) for r in mine])
+  log.info("probed %d of %d files on this host (%d hosts share the scan)", len(mine),
+           len(paths), hosts)
+  return [from_json(v) for v in merge_host_shares(shares, len(paths))]
 
 
 def apply_bad_image_policy(bad: Sequence[tuple[str, str]], *, policy: str, root: str,
