@@ -137,9 +137,30 @@ def initial_plateau_state(params) -> optax.contrib.ReduceLROnPlateauState:
   return optax.contrib.reduce_on_plateau().init(params)
 
 
+# Parameters of more than one dimension that are still kept out of weight decay, by their leaf
+# name: timm's VisionTransformer.no_weight_decay() (pos_embed, cls_token, reg_token,
+# dist_token) in each source's spelling, and mask tokens and a MAP head's probe, learned tokens
+# of the same kind. They are points in the activations' space, not weights: decay would only
+# pull them towards zero.
+NO_DECAY_NAMES = frozenset({
+    "pos_embedding", "pos_embed", "position_embeddings",   # position embeddings
+    "cls", "cls_token", "class_token",                     # class tokens
+    "registers", "register_tokens", "reg_token",           # register tokens (DINOv2)
+    "dist_token", "mask_token",                            # distillation and mask tokens
+    "probe",                                               # a MAP head's query (big_vision)
+})
+
+
+def _leaf_name(path) -> str:
+  key = path[-1] if path else None
+  return str(getattr(key, "key", getattr(key, "name", key)))
+
+
 def _decay_mask(params):
-  # No weight decay on biases and norm scales (1-D), only on kernels and embeddings.
-  return jax.tree_util.tree_map(lambda p: jnp.ndim(p) > 1, params)
+  """True where weight decay applies: kernels and embeddings of more than one dimension; not
+  biases and norm scales (1-D), nor the tokens, position embeddings and probes above."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.ndim(p) > 1 and _leaf_name(path) not in NO_DECAY_NAMES, params)
 
 
 def _base_optimizer(config, learning_rate) -> optax.GradientTransformation:

@@ -37,3 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           max_image_pixels=args.max_image_pixels, workers=args.workers)
     print(f"wrote {out}; train on it with --config.dataset=records:{out}")
   return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -263,5 +263,7 @@ def convert(spec: str, out: str, *, data_dir: str | None = None, bad_images: str
 
 
 if __name__ == "__main__":
-  from jtl.commands.convert import main  # pylint: disable=import-outside-toplevel
-  sys.exit(main())
+  # `python -m jtl.data.convert` is `jtl convert`: the command's parser and one-line errors,
+  # run as a script (the library itself never depends on the command layer).
+  import runpy
+  runpy.run_module("jtl.commands.convert", run_name="__main__", alter_sys=True)
