@@ -14,11 +14,12 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from jtl.weights.errors import CheckpointMismatchError
 from jtl.weights.mapping import StateMapper, dense_kernel
 
 # Prefixes under which big_vision and vit_jax .npz files keep the image tower, most specific
-# first: "params/img/" for two-tower models (LiT, SigLIP), "opt/target/" for old vit_jax
-# training checkpoints.
+# first: "params/img/" for two-tower models (LiT, SigLIP: whose MAP-head towers load into
+# jtl.models.siglip, not here), "opt/target/" for old vit_jax training checkpoints.
 BIG_VISION_PREFIXES = ("params/img/", "params/", "img/", "opt/target/", "")
 
 
@@ -177,17 +178,61 @@ def _numbered(state: Mapping[str, np.ndarray], block: str, kind: str) -> list[st
   return [f"{block}/{kind}_{n}" for n in sorted(found)]
 
 
-def convert_big_vision(state: Mapping[str, np.ndarray], module) -> dict[str, np.ndarray]:
-  """big_vision / vit_jax .npz (flax names joined with "/"), optionally under a prefix.
+def big_vision_tower(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The image tower of a big_vision / vit_jax .npz under names without prefix, blocks unstacked.
 
-  With a prefix, only the names under it are read: the rest of a two-tower file (the text
+  With a prefix, only the names under it are kept: the rest of a two-tower file (the text
   tower, the temperature) or of a training checkpoint (optimizer state) is not ours to load.
   """
   prefix = _big_vision_prefix(state)
-  m = StateMapper(state)
-  if prefix:
-    m.state = {k[len(prefix):]: v for k, v in m.state.items() if k.startswith(prefix)}
-  m.state = _unstack_scanned_blocks(m.state)
+  tower = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+  return _unstack_scanned_blocks(tower)
+
+
+def take_big_vision_attention(m: StateMapper, src: str, dst: str):
+  """A flax MultiHeadDotProductAttention at `src` onto Dense layers query/key/value/out at `dst`."""
+  for part in ("query", "key", "value"):
+    # (D, heads, head_dim) and (heads, head_dim) -> a Dense of D outputs.
+    m.take(f"{src}/{part}/kernel", f"params/{dst}/{part}/kernel",
+           lambda k: np.asarray(k).reshape(k.shape[0], -1))
+    m.take(f"{src}/{part}/bias", f"params/{dst}/{part}/bias", lambda b: np.asarray(b).reshape(-1))
+  m.take(f"{src}/out/kernel", f"params/{dst}/out/kernel",
+         lambda k: np.asarray(k).reshape(-1, k.shape[-1]))
+  m.take(f"{src}/out/bias", f"params/{dst}/out/bias")
+
+
+def take_big_vision_mlp(m: StateMapper, src: str, dst: str):
+  """A big_vision MlpBlock at `src` onto Dense layers fc1/fc2 at `dst`."""
+  for dense, ours in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+    m.take(f"{src}/{dense}/kernel", f"params/{dst}/{ours}/kernel")
+    m.take(f"{src}/{dense}/bias", f"params/{dst}/{ours}/bias")
+
+
+def take_big_vision_blocks(m: StateMapper, depth: int):
+  """Encoder blocks Transformer/encoderblock_i onto block{i}/(norm1, attn, norm2, fc1, fc2)."""
+  for i in range(depth):
+    src, dst = f"Transformer/encoderblock_{i}", f"block{i}"
+    for norm, ours in zip(_numbered(m.state, src, "LayerNorm"), ("norm1", "norm2")):
+      m.take(f"{norm}/scale", f"params/{dst}/{ours}/scale")
+      m.take(f"{norm}/bias", f"params/{dst}/{ours}/bias")
+    for attn in _numbered(m.state, src, "MultiHeadDotProductAttention")[:1]:
+      take_big_vision_attention(m, attn, f"{dst}/attn")
+    for mlp in _numbered(m.state, src, "MlpBlock")[:1]:
+      take_big_vision_mlp(m, mlp, dst)
+
+
+def convert_big_vision(state: Mapping[str, np.ndarray], module) -> dict[str, np.ndarray]:
+  """big_vision / vit_jax .npz (flax names joined with "/"), optionally under a prefix.
+
+  A SigLIP image tower (a MAP head, no class token) is refused here with a pointer to the
+  SigLIP models (`jtl.models.siglip`), which load it.
+  """
+  m = StateMapper(big_vision_tower(state))
+  if "MAPHead_0/probe" in m.state and "cls" not in m.state:
+    raise CheckpointMismatchError(
+        "a big_vision image tower with a MAP head (MAPHead_0) and no class token is a SigLIP "
+        "tower; the ViT pools its class token and has no MAP head: load it with a SigLIP "
+        "model (vit_base_patch16_siglip_224, ...; jtl.list_models('*siglip*'))")
   m.take("embedding/kernel", "params/embed/patch/kernel")
   m.take("embedding/bias", "params/embed/patch/bias")
   m.take("cls", "params/embed/cls", lambda c: np.asarray(c).reshape(1, 1, -1))
@@ -195,25 +240,7 @@ def convert_big_vision(state: Mapping[str, np.ndarray], module) -> dict[str, np.
          lambda p: fit_position_embeddings(p, module))
   m.take("pos_embedding", "params/embed/pos_embedding",
          lambda p: fit_position_embeddings(p, module, has_class_token=False))
-  for i in range(module.depth):
-    src, dst = f"Transformer/encoderblock_{i}", f"block{i}"
-    for norm, ours in zip(_numbered(m.state, src, "LayerNorm"), ("norm1", "norm2")):
-      m.take(f"{norm}/scale", f"params/{dst}/{ours}/scale")
-      m.take(f"{norm}/bias", f"params/{dst}/{ours}/bias")
-    for attn in _numbered(m.state, src, "MultiHeadDotProductAttention")[:1]:
-      for part in ("query", "key", "value"):
-        # (D, heads, head_dim) and (heads, head_dim) -> a Dense of D outputs.
-        m.take(f"{attn}/{part}/kernel", f"params/{dst}/attn/{part}/kernel",
-               lambda k: np.asarray(k).reshape(k.shape[0], -1))
-        m.take(f"{attn}/{part}/bias", f"params/{dst}/attn/{part}/bias",
-               lambda b: np.asarray(b).reshape(-1))
-      m.take(f"{attn}/out/kernel", f"params/{dst}/attn/out/kernel",
-             lambda k: np.asarray(k).reshape(-1, k.shape[-1]))
-      m.take(f"{attn}/out/bias", f"params/{dst}/attn/out/bias")
-    for mlp in _numbered(m.state, src, "MlpBlock")[:1]:
-      for dense, ours in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
-        m.take(f"{mlp}/{dense}/kernel", f"params/{dst}/{ours}/kernel")
-        m.take(f"{mlp}/{dense}/bias", f"params/{dst}/{ours}/bias")
+  take_big_vision_blocks(m, module.depth)
   m.take("Transformer/encoder_norm/scale", "params/norm/scale")
   m.take("Transformer/encoder_norm/bias", "params/norm/bias")
   m.take("head/kernel", "params/head/kernel")
