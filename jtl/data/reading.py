@@ -34,7 +34,9 @@ def background_examples(reader, record_ids: np.ndarray, indices: np.ndarray,
         chunk = indices[start:start + block]
         real = chunk >= 0
         data = iter(reader.read(record_ids[chunk[real]]) if real.any() else ())
-        item = [(int(i), next(data) if ok else b"") for i, ok in zip(chunk, real)]
+        encoded = np.empty(len(chunk), object)
+        encoded[:] = [next(data) if ok else b"" for ok in real]
+        item = (chunk, encoded)
         while not stop.is_set():
           try:
             out.put(item, timeout=0.1)
@@ -56,9 +58,12 @@ def background_examples(reader, record_ids: np.ndarray, indices: np.ndarray,
       while (item := out.get()) is not None:
         if isinstance(item, BaseException):
           raise DataError(f"reading records failed: {item}") from item
-        yield from item
+        yield item
     finally:
       stop.set()
 
+  # A block per generator call, split into examples by TensorFlow: one Python round trip per
+  # block rather than per example.
   return tf.data.Dataset.from_generator(
-      generate, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)))
+      generate, output_signature=(tf.TensorSpec([None], tf.int64),
+                                  tf.TensorSpec([None], tf.string))).unbatch()
