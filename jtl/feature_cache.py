@@ -12,6 +12,12 @@ The cache lives outside the workdir, keyed by everything its contents depend on 
 frozen variables' digest, preprocessing, views, frozen depth, each split's files), so a second
 run, an ablation point or a learning-rate sweep on the same data reuses it. Arrays are .npy
 files, loaded into memory when they fit and memory-mapped otherwise.
+
+Several hosts: when the cache directory is on storage every host sees, host p computes and
+writes only its own rows ({split}.part-p-of-P.npy: the examples p, p + P, ... its evaluation
+shard holds), a barrier, then host 0 marks the cache complete; a reader with any number of
+processes maps example i to (part i % P, row i // P) (PartedFeatures). On storage private to
+each host, every host gathers all rows and keeps a full copy, as one host does.
 """
 from __future__ import annotations
 
@@ -172,9 +178,59 @@ def open_cache(config, model, dataset, preprocess, plan: CachePlan, mesh) -> Fea
              plan.stop_stage)
   else:
     _Builder(config, model, dataset, preprocess, plan, mesh).build(directory, splits)
-  features = {s: load_features(os.path.join(directory, f"{s}.npy")) for s in splits}
+  features = {s: load_split(directory, s) for s in splits}
   labels = {s: np.asarray(dataset.table(s).labels, np.int32) for s in splits}
   return FeatureCache(plan, features, labels, directory)
+
+
+def part_name(split: str, part: int, parts: int) -> str:
+  return f"{split}.part-{part:05d}-of-{parts:05d}.npy"
+
+
+class PartedFeatures:
+  """A split's features written in parts by P hosts, read as one [views, N, ...] array: example
+  i is row i // P of part i % P. Indexing takes (view, example indices), as CachedBatches does."""
+
+  def __init__(self, parts: list[np.ndarray]):
+    self.parts = parts
+    views, first = parts[0].shape[0], parts[0].shape[2:]
+    self.shape = (views, sum(p.shape[1] for p in parts), *first)
+    self.dtype = parts[0].dtype
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, key):
+    view, index = key
+    index = np.asarray(index)
+    view = np.broadcast_to(np.asarray(view), index.shape)
+    out = np.empty(index.shape + self.shape[2:], self.dtype)
+    count = len(self.parts)
+    part, row = index % count, index // count
+    for p in np.unique(part):
+      mine = part == p
+      out[mine] = self.parts[p][view[mine], row[mine]]
+    return out
+
+
+def load_split(directory: str, split: str, budget_bytes: int | None = None):
+  """A split's features: one array (in memory or memory-mapped), or the parts several hosts
+  wrote, interleaved back into one array when they fit in memory (PartedFeatures otherwise)."""
+  whole = os.path.join(directory, f"{split}.npy")
+  if os.path.exists(whole):
+    return load_features(whole, budget_bytes)
+  with open(os.path.join(directory, "done.json")) as f:
+    count = json.load(f)["parts"]
+  paths = [os.path.join(directory, part_name(split, p, count)) for p in range(count)]
+  parts = [np.load(p, mmap_mode="r") for p in paths]
+  if budget_bytes is None:
+    budget_bytes = data_lib.dataset.default_cache_budget_bytes()
+  if sum(os.path.getsize(p) for p in paths) > budget_bytes:
+    return PartedFeatures(parts)
+  merged = np.empty(PartedFeatures(parts).shape, parts[0].dtype)
+  for p, part in enumerate(parts):
+    merged[:, p::count] = part
+  return merged
 
 
 def load_features(path: str, budget_bytes: int | None = None) -> np.ndarray:
@@ -197,32 +253,57 @@ class _Builder:
 
   def build(self, directory: str, splits) -> None:
     plan = self.plan
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    parted = jax.process_count() > 1 and _seen_by_every_host(parent)
     log.info("feature cache built: running the first %d stages once over %s (%d view%s of "
-             "train) into %s", plan.stop_stage, "/".join(splits), plan.views,
-             "s" if plan.views > 1 else "", directory)
+             "train) into %s%s", plan.stop_stage, "/".join(splits), plan.views,
+             "s" if plan.views > 1 else "", directory,
+             f" ({jax.process_count()} hosts, a part each)" if parted else "")
     dtype = np.float32 if self.config.feature_cache.dtype == "float32" else jax.numpy.bfloat16
     self.features_fn = steps.make_features_fn(
         self.model, self.mesh, stop_stage=plan.stop_stage, dtype=dtype,
-        pool=pools_features(self.model, plan.stop_stage))
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
+        pool=pools_features(self.model, plan.stop_stage), gather=not parted)
+    if parted:
+      self._build_parts(directory, splits)
+      return
     tmp = tempfile.mkdtemp(prefix=".building-", dir=parent)
     try:
       for split in splits:
         self.write_split(split, plan.views if split == "train" else 1,
                          os.path.join(tmp, f"{split}.npy"))
-      with open(os.path.join(tmp, "done.json"), "w") as f:
-        json.dump({"stop_stage": plan.stop_stage, "views": plan.views,
-                   "model": self.config.model}, f)
-      try:
-        os.rename(tmp, directory)
-      except OSError:  # another process (a host of the same run, a parallel sweep) was first
-        shutil.rmtree(tmp, ignore_errors=True)
+      self._finish(tmp, directory, parts=1)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
 
-  def write_split(self, split: str, views: int, path: str) -> None:
+  def _finish(self, tmp: str, directory: str, parts: int) -> None:
+    with open(os.path.join(tmp, "done.json"), "w") as f:
+      json.dump({"stop_stage": self.plan.stop_stage, "views": self.plan.views,
+                 "model": self.config.model, "parts": parts}, f)
+    try:
+      os.rename(tmp, directory)
+    except OSError:  # another process (a host of the same run, a parallel sweep) was first
+      shutil.rmtree(tmp, ignore_errors=True)
+
+  def _build_parts(self, directory: str, splits) -> None:
+    """Each host writes its part into one shared temporary directory; host 0 completes it."""
+    tmp = os.path.join(os.path.dirname(directory), f".building-{os.path.basename(directory)}-"
+                       f"{distributed.shared_run_id()[:16]}")
+    os.makedirs(tmp, exist_ok=True)
+    hosts, me = jax.process_count(), jax.process_index()
+    for split in splits:
+      self.write_split(split, self.plan.views if split == "train" else 1,
+                       os.path.join(tmp, part_name(split, me, hosts)), part=(me, hosts))
+    distributed.sync("feature cache parts written")
+    if distributed.is_host0():
+      self._finish(tmp, directory, parts=hosts)
+    distributed.sync("feature cache complete")
+
+  def write_split(self, split: str, views: int, path: str, part: tuple[int, int] | None = None
+                  ) -> None:
+    """The split's features into `path`: all rows, or with part=(p, P) the rows of host p's
+    examples p, p + P, ... (row r holds example p + r * P)."""
     config, n = self.config, self.dataset.num_examples(split)
     hosts = jax.process_count()
     local = config.eval_batch_size // hosts
@@ -233,6 +314,7 @@ class _Builder:
     # Host p's slot i of local batch j holds example eval_example_indices(p)[j * B + i]; the
     # replicated output concatenates the hosts' local batches in process order.
     slots = np.stack([data_lib.eval_example_indices(n, local, p, hosts) for p in range(hosts)])
+    rows = n if part is None else len(range(part[0], n, part[1]))
     out = None
     for view in range(views):
       for j, batch in enumerate(data_lib.eval_batches(
@@ -240,14 +322,37 @@ class _Builder:
           shard=data_lib.Shard(jax.process_index(), hosts), view=view, augment=augment,
           seed=config.seed)):
         images = distributed.global_batch({"image": batch["image"]}, self.mesh)["image"]
-        feats = np.asarray(jax.device_get(self.features_fn(*variables, images)))
+        output = self.features_fn(*variables, images)
+        if part is None:
+          feats = np.asarray(jax.device_get(output))
+          index = slots[:, j * local:(j + 1) * local].reshape(-1)
+        else:  # this host's rows only, in its local batch's order
+          shards = sorted(output.addressable_shards, key=lambda s: s.index[0].start or 0)
+          feats = np.concatenate([np.asarray(s.data) for s in shards])
+          index = slots[part[0], j * local:(j + 1) * local] // part[1]
         if out is None:
           out = np.lib.format.open_memmap(path, mode="w+", dtype=feats.dtype,
-                                          shape=(views, n, *feats.shape[1:]))
-        index = slots[:, j * local:(j + 1) * local].reshape(-1)
+                                          shape=(views, rows, *feats.shape[1:]))
         keep = index >= 0
         out[view, index[keep]] = feats[keep]
+    if out is None:  # a host with no example of this split still leaves its (empty) part
+      np.save(path, np.zeros((views, 0), np.float32))
+      return
     out.flush()
+
+
+def _seen_by_every_host(directory: str) -> bool:
+  """Whether a file host 0 writes into `directory` is visible to every host (shared storage)."""
+  marker = os.path.join(directory, f".hosts-see-{distributed.shared_run_id()[:16]}")
+  if distributed.is_host0():
+    with open(marker, "w") as f:
+      f.write("host 0\n")
+  distributed.sync("feature cache storage probe")
+  seen = all(distributed.all_gather_json(os.path.exists(marker)))
+  distributed.sync("feature cache storage probed")
+  if distributed.is_host0():
+    os.remove(marker)
+  return seen
 
 
 class CachedBatches:

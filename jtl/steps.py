@@ -241,12 +241,13 @@ def make_eval_step(model, mesh: Mesh, *, num_classes: int, start_stage: int = 0)
 
 
 def make_features_fn(model, mesh: Mesh, *, stop_stage: int, dtype=jnp.float32,
-                     pool: bool = False) -> Callable:
+                     pool: bool = False, gather: bool = True) -> Callable:
   """(params, batch_stats, images) -> outputs of the first stop_stage stages, inference mode.
 
   pool: averaged over height and width, kept as [N, 1, 1, C] (a head that pools first then
-  gives the same logits: the mean of one position is that position). The outputs come back
-  replicated, so every host holds every example's features."""
+  gives the same logits: the mean of one position is that position). gather: the outputs come
+  back replicated, so every host holds every example's features; otherwise split over the
+  batch like the images, each host holding the rows of its own examples."""
   module = model.module
 
   def features(params, batch_stats, images):
@@ -257,5 +258,6 @@ def make_features_fn(model, mesh: Mesh, *, stop_stage: int, dtype=jnp.float32,
     return out.astype(dtype)
 
   replicated = distributed.replicated(mesh)
-  return jax.jit(features, in_shardings=(replicated, replicated, distributed.batch_sharded(mesh)),
-                 out_shardings=replicated)
+  batch = distributed.batch_sharded(mesh)
+  return jax.jit(features, in_shardings=(replicated, replicated, batch),
+                 out_shardings=replicated if gather else batch)

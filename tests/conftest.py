@@ -48,6 +48,7 @@ FILE_TIERS = {
     "test_lr_find.py": ("engine", "subprocess"),
     "test_multidevice.py": ("engine", "subprocess"),
     "test_multihost.py": ("subprocess",),
+    "test_multihost_feature_cache.py": ("engine", "subprocess"),
     "test_multihost_records.py": ("subprocess",),
     "test_nonfinite.py": ("engine",),
     "test_prune.py": ("engine",),
