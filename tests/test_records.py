@@ -4,6 +4,7 @@ error for every kind of damage."""
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -108,15 +109,42 @@ def test_each_process_reads_only_its_share_and_resumes_without_state(converted):
     np.testing.assert_array_equal(x["image"], y["image"])
 
 
-def test_the_reader_stays_a_bounded_distance_ahead(converted):
+def test_the_reader_stays_a_bounded_distance_ahead(converted, monkeypatch):
+  from jtl.data import reading
+  monkeypatch.setattr(reading, "READ_BLOCK", 2)
+  monkeypatch.setattr(reading, "READ_AHEAD_BLOCKS", 1)
   _, out = converted
   ds = _open(f"records:{out}")
   reader = ds.table("train").reader
   batches = data.train_batches(ds, batch_size=2, preprocess=PP, augment=AUGMENT, seed=0,
                                epoch=0)
   next(batches)
-  assert reader.records_read < ds.num_examples("train")  # not the whole split up front
+  time.sleep(0.5)  # let the reader run as far ahead as it may
+  # One batch taken: the reader is ahead by its queue (a block being read, one queued, one
+  # being handed over) plus what tf.data's parallel map and prefetch hold (AUTOTUNE sizes them
+  # by the cores; 16 records in all on 2 cores), not the whole split.
+  bound = 2 + 2 * 3 + 2 * (os.cpu_count() or 1) + 8
+  assert 2 <= reader.records_read <= min(bound, ds.num_examples("train") - 1)
   batches.close()
+
+
+def test_a_record_describes_its_image(converted):
+  folder, out = converted
+  from array_record.python import array_record_module
+  manifest = record_format.read_manifest(out)
+  test = manifest.splits["test"]
+  reader = array_record_module.ArrayRecordReader(test.shards[0].path,
+                                                 record_format.READER_OPTIONS)
+  first = reader.read([0])[0]
+  reader.close()
+  fields = record_format.record_fields(first)
+  with open(os.path.join(out, record_format.paths_name("test"))) as f:
+    path = f.readline().strip()
+  assert fields["path"] == path and path.startswith(os.path.join("test", "class_0"))
+  for column in ("label", "kind", "orientation", "height", "width"):
+    assert fields[column] == test.columns[column + "s"][0], column
+  with open(os.path.join(folder, path), "rb") as f:
+    assert record_format.record_image(first) == f.read()  # the original bytes, not re-encoded
 
 
 def test_conversion_refuses_to_replace_an_existing_directory(converted, tmp_path):

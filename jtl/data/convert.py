@@ -199,7 +199,7 @@ def _convert_split(split: SourceSplit, tmp: str, pool, *, max_pixels, workers,
         bad.append((name, info))
         continue
       writer.write(position, record_format.encode_record(
-          data, label, info.kind, info.orientation, info.height, info.width))
+          data, label, info.kind, info.orientation, info.height, info.width, name))
       paths.write(name.replace("\n", " ") + "\n")
       for key, value in zip(record_format.COLUMNS, (label, info.kind, info.orientation,
                                                     info.height, info.width)):

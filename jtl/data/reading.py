@@ -21,12 +21,12 @@ READ_AHEAD_BLOCKS = 4
 
 
 def background_examples(reader, record_ids: np.ndarray, indices: np.ndarray,
-                        block: int = READ_BLOCK, depth: int = READ_AHEAD_BLOCKS
-                        ) -> tf.data.Dataset:
+                        block: int | None = None, depth: int | None = None) -> tf.data.Dataset:
   """(index, encoded bytes) for each of `indices` in order (index -1: padding, empty bytes),
-  read `block` records per call by a background thread that stays at most `depth` blocks ahead
-  of what tf.data has taken."""
+  read `block` records per call (READ_BLOCK) by a background thread that stays at most `depth`
+  blocks (READ_AHEAD_BLOCKS) ahead of what tf.data has taken."""
   indices = np.asarray(indices, np.int64)
+  block, depth = block or READ_BLOCK, depth or READ_AHEAD_BLOCKS
 
   def produce(out: queue.Queue, stop: threading.Event):
     try:

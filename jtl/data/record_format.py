@@ -12,8 +12,10 @@ would make each random read decompress a whole group) and uncompressed (encoded 
 compress; zstd would only cost CPU on every read). Records keep the source's example order,
 so opening records and opening the source give the same splits, validation carve and batches.
 
-One record = a fixed header (magic, label, kind, orientation, height, width), then the
-original encoded image bytes: the image is never re-encoded or decoded. A plain struct rather
+One record = a fixed header (magic, label, kind, orientation, height, width as decoded and
+oriented), the path relative to the source, then the original encoded image bytes: the image is
+never re-encoded or decoded. The JPEG decode scale is not stored: it follows from the size and
+the run's decode_min_side, so one conversion serves any setting. A plain struct rather
 than a tf.train.Example: the background reader slices the bytes out in Python without a
 TensorFlow parse per record.
 
@@ -40,7 +42,8 @@ WRITER_OPTIONS = "group_size:1,uncompressed"
 # Random access: no readahead (each read is one record, not a sequential scan).
 READER_OPTIONS = "readahead_buffer_size:0"
 
-_HEADER = struct.Struct("<4sibbii")  # magic, label, kind, orientation, height, width
+# magic, label, kind, orientation, height, width, length of the relative path that follows
+_HEADER = struct.Struct("<4sibbiiH")
 _MAGIC = b"JTR1"
 _EDGE_BYTES = 64 * 1024
 
@@ -62,20 +65,24 @@ def paths_name(split: str) -> str:
 
 
 def encode_record(image: bytes, label: int, kind: int, orientation: int, height: int,
-                  width: int) -> bytes:
-  return _HEADER.pack(_MAGIC, label, kind, orientation, height, width) + image
+                  width: int, path: str = "") -> bytes:
+  name = path.encode("utf-8")[:65535]
+  return _HEADER.pack(_MAGIC, label, kind, orientation, height, width, len(name)) + name + image
 
 
 def record_image(record: bytes) -> bytes:
   """The encoded image bytes of one record."""
   if record[:4] != _MAGIC:
     raise DataError(f"not a jtl record (starts with {record[:4]!r})")
-  return record[_HEADER.size:]
+  return record[_HEADER.size + _HEADER.unpack_from(record)[-1]:]
 
 
 def record_fields(record: bytes) -> dict:
-  _, label, kind, orientation, height, width = _HEADER.unpack_from(record)
-  return dict(label=label, kind=kind, orientation=orientation, height=height, width=width)
+  """Everything a record says of its image besides the bytes (a record is self-describing)."""
+  _, label, kind, orientation, height, width, length = _HEADER.unpack_from(record)
+  path = record[_HEADER.size:_HEADER.size + length].decode("utf-8", "replace")
+  return dict(label=label, kind=kind, orientation=orientation, height=height, width=width,
+              path=path)
 
 
 def edge_digest(path: str) -> str:
