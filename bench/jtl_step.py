@@ -37,10 +37,11 @@ def freeze_depth_of(strategy: str, stage_names) -> int:
   return {"feature": len(stage_names) - 1, "last": len(stage_names) - 2, "full": 0}[strategy]
 
 
-def engine_config(freeze_depth: int, stage_names):
+def engine_config(freeze_depth: int, stage_names, bf16: bool = False):
   """The engine's config freezing the first `freeze_depth` stages, with the yardstick's
-  optimizer (Adam at a constant 1e-3)."""
+  optimizer (Adam at a constant 1e-3); bf16: compute in bfloat16 (config.bf16)."""
   c = config_lib.default_config()
+  c.bf16 = bf16
   if freeze_depth == len(stage_names) - 1:
     c.strategy = "feature_extraction"
   elif freeze_depth == 0:
@@ -77,8 +78,9 @@ def flops_of(compiled) -> float | None:
 class JtlStep:
   """The engine's training step for one model, freeze depth and input, compiled once."""
 
-  def __init__(self, model, freeze_depth: int, res: int, batch_size: int, start_stage: int = 0):
-    config = engine_config(freeze_depth, model.stage_names)
+  def __init__(self, model, freeze_depth: int, res: int, batch_size: int, start_stage: int = 0,
+               bf16: bool = False):
+    config = engine_config(freeze_depth, model.stage_names, bf16)
     params = model.variables["params"]
     batch_stats = model.variables.get("batch_stats", {})
     rules = optim.freeze_rules(config.strategy, model.stage_names, config.freeze_depth,

@@ -256,3 +256,11 @@ def test_jtl_convert_command_writes_records_and_reports_mistakes_in_one_line(tmp
   assert exited.value.code == 2
   err = capsys.readouterr().err
   assert err.count("error:") == 1 and "nowhere" in err and "Traceback" not in err
+
+
+def test_vectorised_decode_scales_equal_the_per_image_rule():
+  from jtl.data import decode
+  heights, widths = np.arange(1, 3000, 7), np.arange(1, 3000, 7)[::-1]
+  for min_side in (0, 1, 64, 224, 512, 1000):
+    expected = [decode.jpeg_downscale(h, w, min_side) for h, w in zip(heights, widths)]
+    np.testing.assert_array_equal(decode.jpeg_downscales(heights, widths, min_side), expected)

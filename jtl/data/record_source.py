@@ -65,9 +65,8 @@ class TfdsReader:
 
 
 def _downscaled(heights, widths, kinds, decode_min_side: int):
-  downscales = np.array([decode.jpeg_downscale(h, w, decode_min_side)
-                         if k == decode.KIND_JPEG else 1
-                         for h, w, k in zip(heights, widths, kinds)], np.int32)
+  downscales = np.where(kinds == decode.KIND_JPEG,
+                        decode.jpeg_downscales(heights, widths, decode_min_side), 1)
   # libjpeg rounds scaled sizes up.
   return ((heights + downscales - 1) // downscales, (widths + downscales - 1) // downscales,
           downscales.astype(np.int8))
