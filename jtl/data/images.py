@@ -94,8 +94,15 @@ class SplitImages:
     return decode.decode_tf(data, self._kinds[index], self._orientations[index],
                             self._downscales[index])
 
-  def image(self, index: tf.Tensor, data: tf.Tensor) -> tf.Tensor:
-    """The decoded image of example `index`; `data` is what `examples` paired with it."""
+  def image(self, index: tf.Tensor, data: tf.Tensor | None = None) -> tf.Tensor:
+    """The decoded image of example `index`; `data` is what `examples` paired with it (needed
+    only for a split read by index: a folder's or an in-memory split's image is found by
+    index alone)."""
+    if data is None:
+      if self._reader is not None and self._flat is None:
+        raise ValueError("a split read by index decodes the bytes `examples` paired with the "
+                         "index: pass them as data")
+      data = tf.constant(b"")
     if self._flat is None:
       return self.decode(index, data)
     start, stop = self._offsets[index], self._offsets[index + 1]
