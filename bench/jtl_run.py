@@ -42,5 +42,5 @@ def run_main(config: str, workdir: str, overrides: dict, *, cache_dir: str | Non
   with open(os.path.join(workdir, "final_metrics.json")) as f:
     final = json.load(f)
   keep = ("test_accuracy", "train_seconds", "steps", "feature_cache", "trainable_params",
-          "best_step")
+          "best_step", "head_solver", "linear_probe")
   return {"wall_s": wall, **{k: final.get(k) for k in keep}, "command": command[1:]}

@@ -1,7 +1,8 @@
 """How close jtl's default feature extraction gets to a correct linear probe, on small real folders.
 
-  .venv/bin/python bench/linear_probe.py                      # both folders of small_folders.py
+  .venv/bin/python bench/linear_probe.py                      # every folder of small_folders.py
   .venv/bin/python bench/linear_probe.py --folders digits --no-jtl
+  .venv/bin/python bench/linear_probe.py --configs plain --set probe.solver=sgd  # the loop
 
 The reference probe: the backbone of efficientnet_lite0 with its shipped weights in inference
 mode (`jtl.steps.make_features_fn` up to the head, then the head's own global average pool) on
@@ -13,7 +14,9 @@ pooled features), fitted as well as it can be: what feature extraction should re
 Beside it, jtl as a user runs it: `python -m jtl.main --config configs/feature_extraction.py`
 (the demo-data defaults) and `...:photos` (the defaults for a folder of photos), with only
 `dataset` and `image_size=128` set; each run reports its test accuracy, training seconds
-(`train_seconds`: the loop, after the feature cache is built) and the process's wall time.
+(`train_seconds`: the loop, or the linear probe's solve, after the feature cache is built), the
+way the head was fitted (`head_solver`: lbfgs or sgd) and the process's wall time. `--set
+KEY=VALUE` adds config overrides to every jtl run.
 Results go to the "linear_probe" key of bench/results.json.
 """
 from __future__ import annotations
@@ -95,18 +98,19 @@ def fit_probe(train: tuple, test: tuple, seed: int = 0) -> dict:
           "fit_seconds": time.perf_counter() - start}
 
 
-def jtl_runs(root: str, work: str, names) -> dict:
+def jtl_runs(root: str, work: str, names, overrides: dict) -> dict:
   runs = {}
   for name in names:
     load = machine.load_1min()
     with machine.OtherJobs() as others:
       result = run_main(CONFIGS[name], os.path.join(work, name),
-                        {"dataset": f"folder:{root}", "image_size": RES})
+                        {"dataset": f"folder:{root}", "image_size": RES, **overrides})
     runs[name] = {**result, "load_1min": max(load, machine.load_1min()),
                   "other_jobs_cores": others.cores}
     print(f"  jtl {name}: test accuracy {result['test_accuracy']:.4f}, train "
           f"{result['train_seconds']:.1f} s, wall {result['wall_s']:.1f} s, "
-          f"{result['steps']} steps, load {runs[name]['load_1min']:.2f}", flush=True)
+          f"{result['steps']} steps ({result.get('head_solver')}), load "
+          f"{runs[name]['load_1min']:.2f}", flush=True)
   return runs
 
 
@@ -120,26 +124,26 @@ def folder_case(name: str, args) -> dict:
   print(f"{name}: probe test accuracy {probe['test_accuracy']:.4f} (C={probe['C']:g}, "
         f"{probe['n_iter']} iterations, cv {probe['cv_accuracy']:.4f})", flush=True)
   runs = {} if args.no_jtl else jtl_runs(folder["root"], os.path.join(args.work, name),
-                                         args.configs)
+                                         args.configs, args.set)
   return {"folder": folder, "probe": probe, "jtl": runs}
 
 
 def markdown_table(cases: dict) -> str:
   lines = ["| folder | train / test | run | test accuracy | vs probe (points) | train s "
-           "| wall s | steps | load 1 min | other jobs (cores) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| wall s | steps | head fit | load 1 min | other jobs (cores) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for name, case in cases.items():
     counts = case["folder"]["counts"]
     size = f"{sum(counts['train'])} / {sum(counts['test'])}"
     probe = case["probe"]
     lines.append(f"| {name} | {size} | probe (C={probe['C']:g}) "
-                 f"| {100 * probe['test_accuracy']:.1f}% | - | - | - | - "
-                 f"| {probe['load_1min']:.2f} | - |")
+                 f"| {100 * probe['test_accuracy']:.1f}% | - | {probe['fit_seconds']:.1f} | - "
+                 f"| - | sklearn | {probe['load_1min']:.2f} | - |")
     for run, r in case["jtl"].items():
       delta = 100 * (r["test_accuracy"] - probe["test_accuracy"])
       lines.append(f"| {name} | {size} | jtl {run} | {100 * r['test_accuracy']:.1f}% "
                    f"| {delta:+.1f} | {r['train_seconds']:.1f} | {r['wall_s']:.1f} "
-                   f"| {r['steps']} | {r['load_1min']:.2f} "
+                   f"| {r['steps']} | {r.get('head_solver') or '-'} | {r['load_1min']:.2f} "
                    f"| {machine.cores(r['other_jobs_cores'])} |")
   return "\n".join(lines)
 
@@ -151,11 +155,14 @@ def main(argv=None) -> int:
   parser.add_argument("--configs", default=",".join(CONFIGS), help="jtl configs to run: "
                       + ", ".join(f"{k} ({v})" for k, v in CONFIGS.items()))
   parser.add_argument("--no-jtl", action="store_true", help="the probe only")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override for every jtl run (repeatable)")
   parser.add_argument("--work", default=os.path.join(REPO, "runs", "bench", "probe"))
   parser.add_argument("--folders-dir", default=os.path.join(REPO, "runs", "bench", "small"))
   parser.add_argument("--out", default=machine.RESULTS)
   args = parser.parse_args(argv)
   args.configs = [c for c in args.configs.split(",") if c]
+  args.set = dict(item.split("=", 1) for item in args.set)
   args.work, args.folders_dir = os.path.abspath(args.work), os.path.abspath(args.folders_dir)
   print(f"{machine.load_line()} at the start", flush=True)
   cases = {name: folder_case(name, args) for name in args.folders.split(",") if name}
@@ -165,6 +172,7 @@ def main(argv=None) -> int:
   machine.update_results({"linear_probe": {
       "date": machine.now(), "machine": machine.describe(), "model": MODEL, "res": RES,
       "c_grid": list(C_GRID), "folds": FOLDS, "load_average_end": list(os.getloadavg()),
+      "overrides": args.set,
       "cases": cases}}, args.out)
   print(f"wrote {args.out}")
   return 0

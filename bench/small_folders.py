@@ -8,6 +8,9 @@ writes, as grayscale PNGs in <out>/<name>/{train,test}/<class>/<index>.png:
              photos: 2 classes, face / non_face
   digits     scikit-learn's `datasets.load_digits()`: 1,797 scans of handwritten digits,
              8x8 px with 17 grey levels (0..16, stretched here to 0..255): 10 classes
+  fashion_mnist  the first 400 pictures of each class in Debian's Fashion-MNIST training file
+             (dataset-fashion-mnist, as `make demo-data` installs it): 4,000 garments of
+             28x28 px, 10 classes
 each split 70/30 into train/test per class (stratified), seeded. <index> is the picture's
 position in the package's array. A folder already written with the same recipe is left alone.
 """
@@ -47,7 +50,23 @@ def digits() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
   return images, d.target.astype(np.int64), tuple(str(i) for i in range(10))
 
 
-SOURCES = {"lfw_faces": lfw_faces, "digits": digits}
+FASHION_FILES = "/usr/share/datasets/fashion-mnist"
+FASHION_PER_CLASS = 400
+
+
+def fashion_mnist() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+  from jtl.data import demo
+  path = os.path.join(FASHION_FILES, "train-{}-idx{}-ubyte.gz")
+  if not os.path.isfile(path.format("images", 3)):
+    raise SystemExit(f"no Fashion-MNIST files in {FASHION_FILES}: run `make demo-data` "
+                     "(installs Debian's dataset-fashion-mnist)")
+  images, labels = demo.read_idx(path.format("images", 3)), demo.read_idx(path.format("labels", 1))
+  keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:FASHION_PER_CLASS]
+                                 for c in range(len(demo.CLASS_NAMES))]))
+  return images[keep], labels[keep].astype(np.int64), tuple(demo.CLASS_NAMES)
+
+
+SOURCES = {"lfw_faces": lfw_faces, "digits": digits, "fashion_mnist": fashion_mnist}
 
 
 def stratified_split(labels: np.ndarray, train_fraction: float, seed: int) -> dict:

@@ -17,6 +17,10 @@ def get_config(arg=None):
   c = common.for_data(common.get_config(), arg)
   c.model = "efficientnet_lite0"
   c.strategy = "feature_extraction"
+  # The head is one dense layer on the backbone's pooled features: with them cached in memory
+  # it is solved as a linear probe (config.probe.solver="lbfgs": L-BFGS to convergence, the L2
+  # strength cross-validated; jtl/linear_probe.py). The minibatch settings below are for when it
+  # is not (the photos config's random augmentation keeps the backbone running: no cache).
   c.optimizer.lr = 3e-3             # only the head trains: a larger step is safe
   # A linear head on fixed features is logistic regression: judge it by the validation loss,
   # which goes on falling while the head converges; accuracy on a few dozen validation images

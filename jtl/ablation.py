@@ -7,10 +7,18 @@ run whose final_metrics.json exists is not run again, and an interrupted one res
 checkpoints, so running the same grid again finishes it; a workdir that holds a run with another
 config is an error, never silently reused (the engine's same-run rule,
 jtl.config.same_run_differences: a larger budget, such as more epochs, continues the finished
-runs instead). At the end: summary.csv and summary.md (one row per run: the grid values, test
-accuracy and macro F1, trainable parameters, training seconds, read from each run's
-final_metrics.json) and ablation.png (test accuracy against the first grid key, freeze_depth
-when present, one line per combination of the others).
+runs instead).
+
+With seeds (`--seeds N`) every point runs with config.seed = 0..N-1 (workdirs ..._seed=0,
+...), seed 0 of every point first. The seed draws the initialisation, the data order and
+augmentation, and the carved validation split and training subset too, so the spread over
+seeds is the spread a rerun of the study would show.
+
+At the end, from each run's final_metrics.json (jtl.ablation_summary): summary.csv and
+summary.md (one row per run, or with seeds one row per point: means, standard deviations and
+95% intervals over the seeds, and the paired comparison of neighbouring points), and
+ablation.png (test accuracy and training seconds against freeze_depth, or the first grid key,
+one line per combination of the others, with their intervals).
 
 The default grid is freeze_depth at four depths spread over the model's stages (0 = full
 fine-tuning ... all but the head = feature extraction) x optimizer.lr = 3e-4, 1e-3, 3e-3.
@@ -18,7 +26,6 @@ fine-tuning ... all but the head = feature extraction) x optimizer.lr = 3e-4, 1e
 from __future__ import annotations
 
 import ast
-import csv
 import itertools
 import json
 import logging
@@ -26,11 +33,10 @@ import os
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
+from jtl import ablation_summary as summary
 from jtl import config as config_lib
 from jtl import config_file
 
-METRICS = ("trainable_params", "step_seconds", "images_per_second", "train_seconds",
-           "wall_seconds", "best_val", "test_accuracy", "test_macro_f1")
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
 
 
@@ -146,9 +152,52 @@ def _read_final_metrics(workdir: str) -> dict | None:
     return json.load(f)
 
 
+def with_seeds(grid: Mapping[str, Sequence], seeds: int | None, *,
+               overridden: Sequence[str] = ()) -> dict[str, list]:
+  """The grid with a last axis seed = 0..seeds-1 (None: the grid as it is). overridden: the
+  keys --set gives, none of which may be the seed then."""
+  if seeds is None:
+    return dict(grid)
+  if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+    raise config_lib.ConfigError(f"--seeds {seeds}: must be a positive number of seeds")
+  if summary.SEED_KEY in grid:
+    raise config_lib.ConfigError(
+        "--grid seed=... and --seeds both set config.seed: give --seeds N alone (seeds "
+        "0..N-1, aggregated per point) or the seed axis alone (one point per seed)")
+  if summary.SEED_KEY in overridden:
+    raise config_lib.ConfigError("--set seed=... and --seeds both set config.seed: give one "
+                                 "of them")
+  return {**grid, summary.SEED_KEY: list(range(seeds))}
+
+
+def _points_in_run_order(grid: Mapping[str, Sequence], seeded: bool) -> list[dict]:
+  """Every point; with seeds, seed 0 of every point first, then seed 1, ...: an interrupted
+  study has whole sweeps done, and the first one is a study of its own."""
+  if not seeded:
+    return grid_points(grid)
+  points = grid_points({k: v for k, v in grid.items() if k != summary.SEED_KEY})
+  return [{**p, summary.SEED_KEY: s} for s in grid[summary.SEED_KEY] for p in points]
+
+
+def _check_val_minimum(configs: Sequence) -> None:
+  """An explicit config.val_min_per_class larger than a class of the data is refused before the
+  first run (config.validate_val_minimum); the default needs no look at the data."""
+  counted: dict[str, dict | None] = {}
+  for config in configs:
+    explicit = config.val_min_per_class != config_lib.DEFAULT_VAL_MIN_PER_CLASS
+    if not (explicit and config.val_fraction):
+      continue
+    if config.dataset not in counted:
+      from jtl.data import class_counts  # TensorFlow loads with the data package
+      counted[config.dataset] = class_counts.carved_class_counts(config.dataset)
+    config_lib.validate_val_minimum(config, counted[config.dataset] or {})
+
+
 def run_grid(base_config, grid: Mapping[str, Sequence], out_dir: str,
-             train_fn: Callable | None = None) -> list[dict]:
-  """Runs every grid point not finished yet, then writes the summaries; returns their rows.
+             train_fn: Callable | None = None, *, seeds: int | None = None) -> list[dict]:
+  """Runs every grid point not finished yet, then writes the summaries; returns the runs' rows
+  (jtl.ablation_summary.run_row). seeds: each point with config.seed = 0..seeds-1, the
+  summary aggregating them (None: config.seed as given, one run per point).
 
   Every point's config is built and checked before the first run, so that a bad value fails in
   seconds rather than after hours of earlier runs.
@@ -156,8 +205,10 @@ def run_grid(base_config, grid: Mapping[str, Sequence], out_dir: str,
   if train_fn is None:
     from jtl import train
     train_fn = train.train_and_evaluate
+  grid_keys = list(grid)
+  grid = with_seeds(grid, seeds)
   planned = []
-  for point in grid_points(grid):
+  for point in _points_in_run_order(grid, seeds is not None):
     config = base_config.copy_and_resolve_references()
     for key, value in point.items():
       set_value(config, key, value)
@@ -169,6 +220,7 @@ def run_grid(base_config, grid: Mapping[str, Sequence], out_dir: str,
           f"{workdir} holds a run with another config: {'; '.join(diffs)}. "
           "Use another --out, or delete that workdir to run it again.")
     planned.append((point, config, workdir))
+  _check_val_minimum([config for _, config, _ in planned])
 
   os.makedirs(out_dir, exist_ok=True)
   status = {}
@@ -193,75 +245,22 @@ def run_grid(base_config, grid: Mapping[str, Sequence], out_dir: str,
   rows = []
   for point, _, workdir in planned:
     final = _read_final_metrics(workdir)
-    row = dict(point)
-    row.update({m: (final.get(m) if final else None) for m in METRICS})
-    row["status"] = status.get(workdir, "not run") if final is None else "done"
-    row["run"] = os.path.basename(workdir)
-    rows.append(row)
-  write_summary(rows, list(grid), out_dir)
-  plot_ablation(rows, list(grid), os.path.join(out_dir, "ablation.png"))
+    rows.append(summary.run_row(point, final,
+                                "done" if final is not None else status.get(workdir, "not run"),
+                                os.path.basename(workdir)))
+  plot_path = os.path.join(out_dir, "ablation.png")
+  if seeds is None:
+    summary.write_summary(rows, grid_keys, out_dir)
+    summary.plot_ablation(
+        rows, grid_keys, plot_path,
+        accuracy=("test_accuracy", "test_accuracy_wilson_low", "test_accuracy_wilson_high"),
+        seconds=("train_seconds", None, None),
+        note="one run per point; accuracy with its 95% Wilson interval over the test examples")
+  else:
+    points = summary.write_seed_summary(rows, grid_keys, out_dir)
+    summary.plot_ablation(
+        points, grid_keys, plot_path,
+        accuracy=("test_accuracy_mean", "test_accuracy_ci_low", "test_accuracy_ci_high"),
+        seconds=("train_seconds_mean", "train_seconds_ci_low", "train_seconds_ci_high"),
+        note=f"mean over seeds 0..{seeds - 1} with its 95% Student's t interval")
   return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Summaries.
-
-def write_summary(rows: Sequence[dict], grid_keys: Sequence[str], out_dir: str) -> None:
-  """summary.csv (machine-readable) and summary.md (a table to paste into a README)."""
-  columns = [*grid_keys, *METRICS, "status", "run"]
-  with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: ("" if row[k] is None else row[k]) for k in columns})
-
-  def cell(key, value):
-    if value is None:
-      return "-"
-    if key in ("test_accuracy", "test_macro_f1", "best_val", "step_seconds"):
-      return f"{value:.4f}"
-    if key in ("train_seconds", "wall_seconds", "images_per_second"):
-      return f"{value:.1f}"
-    return str(value)
-
-  lines = ["| " + " | ".join(columns[:-1]) + " |", "|" + "---|" * (len(columns) - 1)]
-  lines += ["| " + " | ".join(cell(k, row[k]) for k in columns[:-1]) + " |" for row in rows]
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-
-
-def plot_ablation(rows: Sequence[dict], grid_keys: Sequence[str], path: str) -> None:
-  """Test accuracy and training time against freeze_depth (or the first grid key), one line
-  per combination of the other grid values."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  x_key = "freeze_depth" if "freeze_depth" in grid_keys else grid_keys[0]
-  others = [k for k in grid_keys if k != x_key]
-  x_values = list(dict.fromkeys(row[x_key] for row in rows))
-  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values)
-  position = {v: (v if numeric else i) for i, v in enumerate(x_values)}
-  lines: dict[tuple, list[dict]] = {}
-  for row in rows:
-    lines.setdefault(tuple(row[k] for k in others), []).append(row)
-
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for values, line_rows in lines.items():
-    done = [r for r in line_rows if r["test_accuracy"] is not None]
-    if not done:
-      continue
-    label = ", ".join(f"{k}={v}" for k, v in zip(others, values)) or None
-    xs = [position[r[x_key]] for r in done]
-    axes[0].plot(xs, [r["test_accuracy"] for r in done], "-o", label=label)
-    axes[1].plot(xs, [r["train_seconds"] for r in done], "-o", label=label)
-  for ax, title in zip(axes, ("test accuracy", "training seconds")):
-    ax.set_xlabel(x_key)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if not numeric or all(isinstance(v, int) for v in x_values):  # depths: no 6.5 ticks
-      ax.set_xticks([position[v] for v in x_values], [str(v) for v in x_values])
-    if others:
-      ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 from absl import flags
@@ -24,6 +24,7 @@ CHOICES = {
     "bn_mode": ("frozen_only", "eval_everywhere"),
     "feature_cache.mode": ("auto", "off"),
     "feature_cache.dtype": ("float32", "bfloat16"),
+    "probe.solver": ("lbfgs", "sgd"),
     "optimizer.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("constant", "warmup_cosine", "step", "one_cycle", "reduce_on_plateau"),
     "bad_images": ("fail", "skip"),
@@ -38,13 +39,14 @@ CHOICES = {
 POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "grad_accum_steps",
             "eval_every_epochs", "log_every_steps", "schedule.div_factor",
             "schedule.final_div_factor", "schedule.plateau_patience", "lr_find.min_lr",
-            "lr_find.num_steps")
+            "lr_find.num_steps", "probe.tolerance", "probe.max_iterations")
 NON_NEGATIVE = ("freeze_depth", "num_classes", "image_size", "max_train_examples",
                 "unfreeze_every_epochs", "label_smoothing", "optimizer.weight_decay",
                 "optimizer.grad_clip_norm", "early_stopping.patience", "checkpoint_every_steps",
                 "checkpoint_min_seconds", "max_skipped_steps", "schedule.warmup_epochs",
                 "train_steps", "min_train_steps",
                 "max_evaluations", "feature_cache.views", "probe.steps", "probe.lr",
+                "val_min_per_class",
                 "schedule.plateau_cooldown", "lr_find.suggested_lr")
 # The one same-run rule: a workdir's run continues (resume, or an ablation point reused) only
 # when its saved config equals the new one in every key except these: how a run is shown,
@@ -60,6 +62,13 @@ BUDGET = frozenset({
     "num_epochs", "train_steps", "min_train_steps", "max_evaluations", "eval_every_epochs",
     "early_stopping.patience", "early_stopping.min_delta", "checkpoint_every_steps"})
 MAY_CHANGE_ON_RESUME = PRESENTATION | BUDGET
+# Keys whose default does not reproduce what a run saved before the key existed did: such a
+# run counts as having had this value. val_min_per_class=20 enlarges the validation carve of
+# classes whose round(val_fraction * n) is under 20, so an older run continues only with
+# val_min_per_class=0 (its carve), never on validation images it may have trained on.
+BEFORE_THE_KEY = {"val_min_per_class": 0}
+DEFAULT_VAL_MIN_PER_CLASS = 20  # jtl.data.splits.DEFAULT_VAL_MIN_PER_CLASS (data is not imported
+                                # here: it loads TensorFlow)
 
 
 # optimizer.lr is a number or "auto" (a learning-rate range test picks it, jtl.lr_find).
@@ -124,6 +133,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ConfigError(f"config.label_smoothing={config.label_smoothing}: must be in [0, 1)")
   _check_pruning(config.pruning)
+  _check_probe(config.probe)
   if not 0.0 <= config.ema_decay < 1.0:
     raise ConfigError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0: off)")
   class_weights.class_weight_items(config.class_weights)  # the syntax; the class names need the data
@@ -154,6 +164,15 @@ def _check_pruning(p) -> None:
   if p.schedule == "polynomial" and p.sparsity and not p.end_step > p.begin_step:
     raise ConfigError(f"config.pruning.end_step={p.end_step}: must be > pruning.begin_step="
                       f"{p.begin_step} with pruning.schedule='polynomial'")
+
+
+def _check_probe(p) -> None:
+  grid = tuple(p.l2_grid)
+  if not grid or not all(isinstance(s, (int, float)) and 0 < s < float("inf") for s in grid):
+    raise ConfigError(f"config.probe.l2_grid={grid!r}: one or more L2 strengths > 0")
+  if len(set(grid)) > 1 and p.cv_folds < 2:
+    raise ConfigError(f"config.probe.cv_folds={p.cv_folds}: must be >= 2 to choose among "
+                      f"config.probe.l2_grid's {len(set(grid))} strengths")
 
 
 def _check_learning_rate(config) -> None:
@@ -197,10 +216,14 @@ def pretrained_arg(value: str):
 
 def check_model_spec(config) -> None:
   """Checks that need neither data nor weights loaded: an unknown model name, a weights file
-  that does not exist. A large folder's scan takes minutes; these take milliseconds."""
+  that does not exist, an image size the model cannot take. A large folder's scan takes
+  minutes; these take milliseconds."""
   from jtl.models import factory  # the model zoo; this module stays importable without jax
   try:
-    factory.check_spec(config.model, pretrained_arg(config.pretrained))
+    factory.check_spec(config.model, pretrained_arg(config.pretrained),
+                       image_size=config.image_size or None)
+  except factory.ImageSizeError as e:
+    raise ConfigError(f"config.image_size={config.image_size}: {e.args[0]}") from None
   except (KeyError, ValueError, FileNotFoundError) as e:
     message = e.args[0] if e.args else str(e)
     raise ConfigError(f"config.model={config.model!r} / config.pretrained="
@@ -224,6 +247,20 @@ def validate_for_data(config, class_names: Sequence[str]) -> None:
     raise ConfigError(f"config.num_classes={config.num_classes} but {config.dataset} has "
                       f"{len(class_names)} classes")
   class_weights.explicit_class_weights(config.class_weights, class_names)
+
+
+def validate_val_minimum(config, class_counts: Mapping[str, int]) -> None:
+  """An explicit config.val_min_per_class larger than a class (class_counts: training images
+  per class before the carve) is a mistake no carve can honour. The default is a policy, not a
+  demand: it takes at most a quarter of each class, so small folders need not change it."""
+  minimum = config.val_min_per_class
+  if minimum == DEFAULT_VAL_MIN_PER_CLASS or not config.val_fraction or not class_counts:
+    return
+  name, smallest = min(class_counts.items(), key=lambda item: item[1])
+  if minimum > smallest:
+    raise ConfigError(f"config.val_min_per_class={minimum} is larger than class {name!r} "
+                      f"({smallest} training images): at most {smallest} (the carve takes at "
+                      f"most a quarter of a class), or 0 for round(val_fraction * n) alone")
 
 
 def _check_known_keys(config, reference, prefix: str = "") -> None:
@@ -257,8 +294,9 @@ def same_run_differences(saved: dict, config, *, ignore=MAY_CHANGE_ON_RESUME) ->
     for key in ("optimizer.lr", "lr_find.suggested_lr"):
       new[key] = old[key]
   # A key newer than the saved run (added to jtl since) counts as its default there: the run
-  # was made without the feature, as the default leaves it off.
-  defaults = _flat(to_jsonable(default_config()))
+  # was made without the feature, as the default leaves it off; or, where the default turns
+  # something on, as the value that reproduces the older run (BEFORE_THE_KEY).
+  defaults = {**_flat(to_jsonable(default_config())), **BEFORE_THE_KEY}
   old.update({k: defaults[k] for k in new if k not in old and k in defaults})
   diffs = []
   for key in sorted(set(old) | set(new)):
@@ -292,6 +330,9 @@ def _model_and_data(c: ml_collections.ConfigDict) -> None:
   c.dataset = "folder:data/fashion_mnist"  # folder:PATH, records:DIR (jtl convert) or tfds:NAME
   c.data_dir = ""                   # tfds data_dir ("" : tfds default)
   c.val_fraction = 0.1              # carved from train (stratified, seeded) when no val split
+  c.val_min_per_class = DEFAULT_VAL_MIN_PER_CLASS  # 20: the carve gives each class at least
+                                    # this many validation images, at most a quarter of the
+                                    # class (jtl.data.splits); 0: round(val_fraction * n) alone
   c.max_train_examples = 0          # 0: all; else a stratified subset of train
   c.bad_images = "fail"             # fail: stop before training listing them; skip: drop them
   c.augment = ml_collections.ConfigDict()
@@ -315,9 +356,27 @@ def _what_trains(c: ml_collections.ConfigDict) -> None:
   c.unfreeze_every_epochs = 0       # gradual unfreezing: every N epochs one more stage trains (0: off)
   c.bn_mode = "frozen_only"         # frozen_only: BatchNorm of every frozen layer (by any rule) runs
                                     # in inference mode; eval_everywhere: every BatchNorm does (tiny data)
-  c.probe = ml_collections.ConfigDict()  # lp_ft's first phase: the head alone, on cached features
-  c.probe.lr = 3e-3                 # the probe's peak learning rate (same optimizer and schedule kind)
-  c.probe.steps = 0                 # probe budget in optimizer steps (0: the budget rule below)
+  # The head alone on cached features: feature extraction, and lp_ft's first phase (the probe).
+  c.probe = ml_collections.ConfigDict()
+  c.probe.solver = "lbfgs"          # lbfgs: a one-dense-layer head on cached features held in
+                                    # memory is solved as L2-penalised multinomial logistic
+                                    # regression, full-batch L-BFGS to convergence, the strength
+                                    # cross-validated (jtl.linear_probe; no minibatch steps, lr,
+                                    # schedule, weight decay, head dropout or early stopping);
+                                    # sgd: the minibatch loop. Heads with a hidden layer and
+                                    # memory-mapped caches always take the loop
+  c.probe.l2_grid = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # lbfgs: L2 strengths
+                                    # (penalty l2 / 2 * |kernel|^2 on the mean loss) tried by
+                                    # cross-validation; one value: that one, no cross-validation
+  c.probe.cv_folds = 5              # lbfgs: stratified folds of the training split (seeded); the
+                                    # strength of lowest held-out loss is refitted on all of it
+  c.probe.tolerance = 1e-4          # lbfgs: converged when the gradient norm of the objective (mean
+                                    # loss + penalty; kernel and bias) is at most this
+  c.probe.max_iterations = 1000     # lbfgs: iterations at most, per fit
+  c.probe.lr = 3e-3                 # sgd, lp_ft: the probe's peak learning rate (same optimizer
+                                    # and schedule kind)
+  c.probe.steps = 0                 # sgd, lp_ft: probe budget in optimizer steps (0: the budget
+                                    # rule below)
   # Magnitude pruning held by the optimizer (jtl.pruning.magnitude): the smallest |w| of the
   # trainable conv/dense kernels (not the head's) are set to zero and stay exactly zero.
   c.pruning = ml_collections.ConfigDict()

@@ -97,3 +97,58 @@ def final_metrics(result: dict, split: str, prefix: str = "test_") -> dict:
   final["confusion_matrix"] = result["confusion_matrix"]
   final["num_test_examples"] = result["num_examples"]
   return final
+
+
+# A validation split with fewer images than this in some class ranks checkpoints poorly (one
+# image of 6 moves that class's recall by 17 points): config.val_min_per_class's default.
+RANKING_MIN_PER_CLASS = 20
+
+
+class RankingCheck:
+  """Whether the validation split can tell checkpoints apart, as evaluations come in: each of
+  its warnings is given once per run, as a message (the caller logs it).
+
+  - small: some class has fewer than RANKING_MIN_PER_CLASS validation images;
+  - saturated: the early-stopping metric reached its ceiling (val accuracy 1.0 on 60 images):
+    no later checkpoint can look better, whatever the test would say, so the first is kept;
+  - a tie at the best on a small split: a later evaluation reaches the best value again, and
+    the split is too coarse to say which is better. On a large split a tie is a plateau, and
+    says nothing about its size."""
+
+  def __init__(self, splits: Splits):
+    self.splits = splits
+    self.warned: set[str] = set()
+
+  def _once(self, kind: str, message: str) -> list[str]:
+    if kind in self.warned:
+      return []
+    self.warned.add(kind)
+    return [message]
+
+  def observe(self, result: dict, *, step: int, best: float | None,
+              best_step: int | None) -> list[str]:
+    """Messages for an evaluation `result` at `step`, given the best value before it."""
+    messages = []
+    support = [c["support"] for c in result.get("per_class", {}).values()]
+    n = result.get("num_examples", sum(support))
+    small = bool(support) and min(support) < RANKING_MIN_PER_CLASS
+    split = f"the {self.splits.val} split ({n} images)"
+    larger = "a larger validation split (val_fraction, val_min_per_class) would rank them"
+    if small:
+      messages += self._once("small", (
+          f"{split} is too small to rank checkpoints: {min(support)} images in its smallest "
+          f"class, and one image moves accuracy by {100 / max(n, 1):.1f} points. Carve more "
+          f"(val_fraction, val_min_per_class: at least {RANKING_MIN_PER_CLASS} per class by "
+          f"default) or give a larger validation folder"))
+    value, metric = result[self.splits.key], self.splits.metric
+    if not np.isfinite(value):
+      return messages
+    if self.splits.higher_is_better and value >= 1.0:
+      messages += self._once("saturated", (
+          f"{metric} reached {value:.4f} at step {step}: {split} can show no later "
+          f"checkpoint to be better, so the first to reach it is kept; {larger}"))
+    elif small and best is not None and value == best:
+      messages += self._once("tie", (
+          f"{metric} {value:.4f} at step {step} ties the best, reached at step {best_step}: "
+          f"{split} cannot tell these checkpoints apart, and the first is kept; {larger}"))
+    return messages

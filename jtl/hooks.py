@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jtl import distributed
-from jtl.evaluation import Splits
+from jtl.evaluation import RankingCheck, Splits
 from jtl.loop import Hook, Loop
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ class Evaluation(Hook):
     self.splits, self.patience, self.min_delta = splits, patience, min_delta
     self.evaluate_ema = evaluate_ema
     self.latest: tuple[int, float] | None = None  # (step, metric value) of the last evaluation
+    self.ranking = RankingCheck(splits)  # warns when validation cannot tell checkpoints apart
 
   def on_epoch_end(self, loop, stats):
     p = loop.progress
@@ -146,6 +147,9 @@ class Evaluation(Hook):
     self.run_log.record({**row, "learning_rate": self.learning_rate(loop.step)})
     value = result[self.splits.key]
     self.latest = (loop.step, value if np.isfinite(result["loss"]) else float("nan"))
+    for message in self.ranking.observe(result, step=loop.step, best=p.best,
+                                        best_step=p.best_step):
+      log.warning(message)
     # A model whose validation loss is not finite has diverged, whatever its accuracy.
     if np.isfinite(result["loss"]) and self.splits.improved(value, p.best, self.min_delta):
       p.best, p.best_step, p.bad_evals = value, loop.step, 0

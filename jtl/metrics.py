@@ -48,3 +48,17 @@ def classification_report(labels: np.ndarray, preds: np.ndarray, top5_correct: n
       "confusion_matrix": cm.tolist(),
       "num_examples": int(len(labels)),
   }
+
+
+def macro_f1(confusion: np.ndarray) -> np.ndarray:
+  """Macro F1 of confusion matrices [..., classes, classes] (rows true, columns predicted), as
+  classification_report computes it: the mean over all classes, 0 for a class without
+  predictions or support. Vectorised over the leading axes (the bootstrap's resamples)."""
+  confusion = np.asarray(confusion, np.float64)
+  tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+  predicted, support = confusion.sum(-2), confusion.sum(-1)
+  precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+  recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+  denom = precision + recall
+  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+  return f1.mean(-1)

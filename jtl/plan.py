@@ -65,7 +65,8 @@ def open_inputs(config, *, report_dir: str | None = None) -> Inputs:
   dataset = data_lib.open_dataset(
       config.dataset, data_dir=config.data_dir or None, val_fraction=config.val_fraction,
       seed=config.seed, max_train_examples=config.max_train_examples or None,
-      bad_images=config.bad_images, report_dir=report_dir)
+      bad_images=config.bad_images, report_dir=report_dir,
+      val_min_per_class=config.val_min_per_class)
   class_names = tuple(dataset.class_names)
   config_lib.validate_for_data(config, class_names)
   # Before the weights load: a split smaller than a batch is found in milliseconds.
@@ -102,6 +103,7 @@ class RunPlan:
   splits: Splits
   cache_seconds: float        # building (or opening) the feature cache; 0 without one
   class_weights: Any = None   # float32 [classes] loss weights (config.class_weights); None: none
+  cache: feature_cache.FeatureCache | None = None  # the cache trained on; None on images
 
   @property
   def mesh(self):
@@ -137,7 +139,7 @@ def plan_run(inputs: Inputs, config, *, train_steps: int | None = None,
     schedule = optim.make_schedule(config, budget.optimizer_steps_per_epoch, budget.total_steps,
                                    config.optimizer.lr)
   started = time.perf_counter()
-  (train, evaluate), start_stage = _batch_sources(inputs, config, freeze)
+  (train, evaluate), start_stage, cache = _batch_sources(inputs, config, freeze)
   cache_seconds = time.perf_counter() - started if start_stage else 0.0
   eval_fn = steps_lib.make_eval_step(model, inputs.mesh, num_classes=len(inputs.class_names),
                                      start_stage=start_stage)
@@ -145,11 +147,12 @@ def plan_run(inputs: Inputs, config, *, train_steps: int | None = None,
       config.class_weights, dataset.table("train").labels, inputs.class_names)
   return RunPlan(inputs, config, freeze, budget, schedule, train, evaluate, start_stage, eval_fn,
                  Splits.of(dataset, config.early_stopping.metric), cache_seconds,
-                 class_weights=weights)
+                 class_weights=weights, cache=cache)
 
 
 def _batch_sources(inputs: Inputs, config, freeze: optim.FreezePlan):
-  """((train, eval) batch functions, start stage): cached features when the cache applies."""
+  """((train, eval) batch functions, start stage, the cache or None): cached features when the
+  cache applies."""
   local = config.batch_size // jax.process_count()
   local_eval = config.eval_batch_size // jax.process_count()
   shard = data_lib.Shard(jax.process_index(), jax.process_count())
@@ -167,7 +170,7 @@ def _batch_sources(inputs: Inputs, config, freeze: optim.FreezePlan):
     def evaluate(split):
       return data_lib.eval_batches(inputs.dataset, split, batch_size=local_eval,
                                    preprocess=inputs.preprocess, shard=shard)
-    return (train, evaluate), 0
+    return (train, evaluate), 0, None
   log.info("feature cache: %s", why)
   cache = feature_cache.open_cache(config, inputs.model, inputs.dataset, inputs.preprocess,
                                    cache_plan, inputs.mesh)
@@ -179,7 +182,7 @@ def _batch_sources(inputs: Inputs, config, freeze: optim.FreezePlan):
 
   def evaluate_cached(split):
     return cached.eval_split(split, batch_size=local_eval, shard=shard)
-  return (train_cached, evaluate_cached), cache_plan.stop_stage
+  return (train_cached, evaluate_cached), cache_plan.stop_stage, cache
 
 
 class StepsByEpoch:

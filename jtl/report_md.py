@@ -124,13 +124,39 @@ def _top_losses(workdir: str) -> list[str]:
           f"![highest-loss examples]({error_analysis.TOP_LOSSES_PNG})", ""]
 
 
+def _rows_with_intervals(final: dict) -> list[tuple]:
+  """The headline rows, each figure that has an interval in final (`<key>_ci`) followed by a row
+  of it, so that the figure's own row reads as it always has."""
+  rows = []
+  for label, key, value in headline_metrics(final):
+    rows.append((label, value, f"`{key}`"))
+    interval = final.get(f"{key}_ci")
+    if isinstance(interval, (list, tuple)) and len(interval) == 2:
+      rows.append((f"{label}, 95% interval", f"{_cell(interval[0])} .. {_cell(interval[1])}",
+                   f"`{key}_ci`"))
+  return rows
+
+
+def _interval_note(final: dict) -> list[str]:
+  """How the intervals were made, from final_metrics' own record of it."""
+  how = final.get("intervals")
+  if not isinstance(how, dict):
+    return []
+  examples = _cell(final.get("num_test_examples", "?"))
+  return ["", f"Intervals: {how.get('confidence', 0.95):.0%}; accuracy: "
+          f"{how.get('test_accuracy_ci', '?')} over the {examples} "
+          f"examples; macro F1: {how.get('test_macro_f1_ci', '?')} "
+          f"({how.get('bootstrap_resamples', '?')} resamples, seed "
+          f"{how.get('bootstrap_seed', '?')})."]
+
+
 def build_report(final: dict, run: dict, workdir: str) -> str:
   """The markdown text; pictures are linked when they exist in workdir."""
   title = " on ".join(str(run[k]) for k in ("model", "dataset") if k in run) or "jtl run"
   lines = [f"# {title}", "", "## Metrics", "",
            f"On the {final.get('split', '?')} split, with the best checkpoint.", ""]
-  lines += _table(("metric", "value", "key in final_metrics.json"),
-                  [(label, value, f"`{key}`") for label, key, value in headline_metrics(final)])
+  lines += _table(("metric", "value", "key in final_metrics.json"), _rows_with_intervals(final))
+  lines += _interval_note(final)
   lines += ["", "## Run", ""] + _table(("run", ""), _facts(final, run)) + [""]
   lines += ["## Per class", ""]
   lines += _table(("class", "precision", "recall", "F1", "support"),

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import jax
 
 from jtl import config as config_lib
-from jtl import distributed, optim
+from jtl import distributed, linear_probe, optim
 from jtl import hooks as hooks_lib
 from jtl import params as P
 from jtl import workdir as workdir_lib
@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Fitted:
-  """A loop that ran to its end (budget spent or stopped early)."""
+  """A loop that ran to its end (budget spent or stopped early), or a head solved."""
   state: Any
   progress: Progress
+  fields: dict = dataclasses.field(default_factory=dict)  # final_metrics.json's, about the fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +136,24 @@ def train_in(run: RunPlan, workdir: str, extra_hooks: Sequence[Hook] = (), *, fi
 
 def fit(run: RunPlan, checkpoints: Checkpoints, run_log: RunLog,
         extra_hooks: Sequence[Hook] = ()) -> Fitted | Preempted:
-  """Runs the loop to the end of the budget (or an early stop, or SIGTERM)."""
+  """Runs the loop to the end of the budget (or an early stop, or SIGTERM); a linear head on
+  cached features is solved instead (jtl.linear_probe)."""
   steps = StepsByEpoch(run)
-  state, progress, resumed_from = _resume(checkpoints, steps, run_log, run.mesh)
+  state, progress, restored = _resume(checkpoints, steps, run_log, run.mesh)
+  resumed_meta = None if restored is None else restored.meta
+  head = linear_probe.choose_for_run(run, resumed_meta)
+  if head is not None:
+    log.info("the head alone trains: %s (%s)", head.solver, head.why)
+  if head is not None and head.solves:
+    if resumed_meta is None:
+      state, progress, summary = linear_probe.solve_run(run, state, head, checkpoints, run_log)
+    else:
+      summary = resumed_meta[linear_probe.SUMMARY_KEY]
+    return Fitted(state, progress, head.fields(summary))
   _log_plan(run)
   saving = hooks_lib.Checkpointing(checkpoints, every_steps=run.config.checkpoint_every_steps,
                                    min_seconds=run.config.checkpoint_min_seconds,
-                                   last_saved_step=resumed_from)
+                                   last_saved_step=restored.step if restored else None)
   with hooks_lib.Preemption(saving) as preemption:
     loop = Loop(step_for_epoch=steps, batches=run.train_batches, budget=run.budget,
                 progress=progress, hooks=[*_hooks(run, run_log), saving, preemption,
@@ -155,7 +167,7 @@ def fit(run: RunPlan, checkpoints: Checkpoints, run_log: RunLog,
                                "is kept", step=e.step) from None
   if loop.interrupted:
     return Preempted(loop.step)
-  return Fitted(state, progress)
+  return Fitted(state, progress, head.fields() if head is not None else {})
 
 
 def _hooks(run: RunPlan, run_log: RunLog) -> list[Hook]:
@@ -179,8 +191,8 @@ def _hooks(run: RunPlan, run_log: RunLog) -> list[Hook]:
 
 
 def _resume(checkpoints: Checkpoints, steps: StepsByEpoch, run_log: RunLog, mesh):
-  """(state, progress, the step resumed from): from the newest intact checkpoint, latest or
-  best, when there is one, else fresh ones (and None). Damaged checkpoints are named, moved
+  """(state, progress, the checkpoint resumed from): from the newest intact checkpoint, latest
+  or best, when there is one, else fresh ones (and None). Damaged checkpoints are named, moved
   aside and stepped over (jtl.checkpoint)."""
   state = steps.initial_state()
 
@@ -199,7 +211,7 @@ def _resume(checkpoints: Checkpoints, steps: StepsByEpoch, run_log: RunLog, mesh
   run_log.truncate_after(restored.step)
   log.info("resumed from step %d (epoch %d, step %d in it)", restored.step, progress.epoch,
            progress.step_in_epoch)
-  return distributed.replicate(restored.state, mesh), progress, restored.step
+  return distributed.replicate(restored.state, mesh), progress, restored
 
 
 def _log_plan(run: RunPlan) -> None:
@@ -230,6 +242,7 @@ def finish(run: RunPlan, fitted: Fitted, checkpoints: Checkpoints, run_log: RunL
       images_per_second=round(steps_trained * config.batch_size
                               / max(progress.train_seconds, 1e-9), 1),
       feature_cache=run.start_stage > 0, feature_cache_seconds=round(run.cache_seconds, 2))
-  finished = evaluate_and_export(run, state, workdir, fields={**run_fields, **fields},
+  finished = evaluate_and_export(run, state, workdir,
+                                 fields={**run_fields, **fitted.fields, **fields},
                                  records=run_log.records(), started=started)
   return Trained(finished.metrics, finished.state, progress.best)

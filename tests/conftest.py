@@ -162,6 +162,9 @@ def tiny_config(dataset_root, **overrides):
   c.schedule.name = "constant"
   c.schedule.warmup_epochs = 0.0
   c.optimizer.lr = 0.03
+  # The engine tests exercise the minibatch loop, feature extraction's too; the L-BFGS solve of
+  # a linear head (the default, jtl.linear_probe) has tests of its own (test_linear_probe.py).
+  c.probe.solver = "sgd"
   for key, value in overrides.items():
     target = c
     parts = key.split(".")

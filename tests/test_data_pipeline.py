@@ -49,9 +49,11 @@ def indexed(tmp_path_factory):
 
 
 def test_stratified_val_is_seeded_disjoint_and_proportional(indexed):
-  first = data.open_dataset(f"folder:{indexed}", val_fraction=0.2, seed=1)
-  again = data.open_dataset(f"folder:{indexed}", val_fraction=0.2, seed=1)
-  other = data.open_dataset(f"folder:{indexed}", val_fraction=0.2, seed=2)
+  # val_fraction alone (no per-class minimum, which tests/test_val_carve.py covers).
+  proportional = dict(val_fraction=0.2, val_min_per_class=0)
+  first = data.open_dataset(f"folder:{indexed}", seed=1, **proportional)
+  again = data.open_dataset(f"folder:{indexed}", seed=1, **proportional)
+  other = data.open_dataset(f"folder:{indexed}", seed=2, **proportional)
   train, val = file_ids(first, "train"), file_ids(first, "val")
   assert not set(train) & set(val) and sorted([*train, *val]) == list(range(61))
   assert np.bincount(first.table("val").labels).tolist() == [2, 4, 6]
@@ -59,7 +61,7 @@ def test_stratified_val_is_seeded_disjoint_and_proportional(indexed):
   assert set(val) != set(file_ids(other, "val"))
   assert not first.has_split("test")
 
-  subset = data.open_dataset(f"folder:{indexed}", val_fraction=0.2, seed=1, max_train_examples=20)
+  subset = data.open_dataset(f"folder:{indexed}", seed=1, max_train_examples=20, **proportional)
   np.testing.assert_array_equal(file_ids(subset, "val"), val)  # carved before subsetting
   assert set(file_ids(subset, "train")) <= set(train)
   # Train counts 8, 16, 25 -> quotas 3.27, 6.53, 10.2 -> 3, 7, 10 by largest remainder.

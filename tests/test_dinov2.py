@@ -269,15 +269,27 @@ def test_image_size_not_a_multiple_of_14_names_the_model_and_size():
                    jax.ShapeDtypeStruct((1, 50, 50, 3), jnp.float32))
 
 
-def test_a_checkpoint_of_another_family_names_the_file_and_what_does_not_fit():
+def test_a_checkpoint_of_another_family_names_the_model_the_file_and_what_does_not_fit():
   path = os.path.join(FIXTURES, "vit_timm_tiny.safetensors")
   with pytest.raises(CheckpointMismatchError) as error:
     jtl.create_model("vit_small_patch14_dinov2", pretrained=path, image_size=NATIVE, **TINY)
   message = str(error.value)
-  assert path in message
+  assert f"checkpoint {path} does not fit the model vit_small_patch14_dinov2:" in message
   assert "missing from the checkpoint" in message and "params/block0/layer_scale1" in message
   assert "shape mismatches" in message and "checkpoint (32, 32) vs model (16, 16)" in message
   assert "another architecture" in message
+
+
+def test_jtl_models_shows_the_weights_licence_where_the_registry_knows_it(capsys):
+  from jtl.commands import models
+  for name in ("vit_small_patch14_dinov2", "dinov2_vits14_reg"):
+    assert registry.get_entry(name).default_cfg.license == "Apache-2.0"
+  assert models.main(["vit_small_patch14_dinov2"]) == 0
+  (line,) = capsys.readouterr().out.splitlines()
+  assert line.split()[0] == "vit_small_patch14_dinov2" and " Apache-2.0 " in line
+  assert "timm/vit_small_patch14_dinov2.lvd142m" in line
+  assert models.main(["tiny_cnn"]) == 0  # nothing recorded: a dash in the column
+  assert capsys.readouterr().out.split()[3:5] == ["-", "-"]  # default weights, licence
 
 
 # --- stages, the feature cache and the record -------------------------------------------------

@@ -151,15 +151,17 @@ def test_no_import_cycles():
 # share its layer). The package root `jtl` itself is left out (it re-exports create_model).
 LAYERS = (
     # Foundations: nothing of jtl's below them.
-    ("errors", "params", "distributed", "budget", "metrics", "run_record", "report", "lock"),
+    ("errors", "params", "distributed", "budget", "metrics", "intervals", "run_record", "report",
+     "lock"),
     # The pieces a run is made of: config, data, weights, models, deployment formats.
     ("config", "config_file", "class_weights", "workdir", "data", "weights", "models", "deploy"),
     # The engine's parts: optimizer and steps, evaluation, the loop, its hooks, checkpoints,
-    # the feature cache, pruning's transforms, the export and prediction of finished runs.
-    ("optim", "pruning", "steps", "evaluation", "feature_cache", "loop", "hooks", "checkpoint",
-     "checkpoint_reads", "error_analysis", "report_md", "export", "predict"),
+    # the feature cache, the linear probe's solve, pruning's transforms, the export and
+    # prediction of finished runs.
+    ("optim", "pruning", "steps", "evaluation", "feature_cache", "linear_probe", "loop", "hooks",
+     "checkpoint", "checkpoint_reads", "error_analysis", "report_md", "export", "predict"),
     # Runs: planned, trained, finished; the range test, pruned runs, ablation studies.
-    ("plan", "final", "train", "lr_find", "prune_runs", "prune", "ablation"),
+    ("plan", "final", "train", "lr_find", "prune_runs", "prune", "ablation", "ablation_summary"),
     # Commands: argument parsing and one-line errors, the `jtl` dispatcher.
     ("cli_errors", "commands", "cli", "main", "__main__"),
 )

@@ -1,5 +1,5 @@
 """jtl models [PATTERN]: every registered model (or those matching PATTERN, e.g. 'resnet*') with
-its parameter count, input size, default weights and stages."""
+its parameter count, input size, default weights, their licence ("-": not recorded) and stages."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from typing import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="jtl models", description="Every registered model (or those matching PATTERN) with "
-      "its parameter count, input size, default weights and stages.")
+      "its parameter count, input size, default weights, their licence and stages.")
   parser.add_argument("pattern", nargs="?", default="*",
                       help="a shell-style pattern over the names (default: every model)")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -19,5 +19,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages = row["stages"]
     shown = " ".join(stages) if len(stages) <= 8 else " ".join(stages[:3] + ["..."] + stages[-3:])
     print(f"{row['name']:28s} {row['params']:>13,d}  {row['input']:4d}px  "
-          f"{row['default_weights']:45s} {shown}")
+          f"{row['default_weights']:45s} {row['license'] or '-':13s} {shown}")
   return 0

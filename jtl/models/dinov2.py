@@ -336,7 +336,8 @@ def _register() -> None:
           tag="lvd142m", layout="timm", hf_hub_id=f"timm/{timm_name(size, registers)}.lvd142m",
           url=_meta_file(size, registers), num_classes=0, image_size=DEFAULT_IMAGE_SIZE,
           crop_pct=crop_pct, interpolation="bicubic", pooling=conventions.pooling,
-          pos_resample=conventions.pos_resample)
+          pos_resample=conventions.pos_resample,
+          license="Apache-2.0")  # Meta's DINOv2 weights (github.com/facebookresearch/dinov2)
       registry.register_model(ModelEntry(
           name=name, family="dinov2",
           build=_builder(name, width=width, depth=depth, num_heads=heads,

@@ -223,7 +223,7 @@ def _load(name, build, converters, cfg: PretrainedCfg, path: str, num_classes: i
     converted = _convert(converters, state, module, cfg.layout, path, _input_size(module, cfg))
   new_head = classes != ckpt_classes
   variables = _variables_to_fill(module, _input_size(module, cfg), seed, new_head)
-  variables = merge.merge(variables, converted, source=path, new_head=new_head)
+  variables = merge.merge(variables, converted, source=path, new_head=new_head, model=name)
   cfg = dataclasses.replace(cfg, num_classes=classes,
                             label_names=cfg.label_names if classes == ckpt_classes else None)
   if ckpt_classes != cfg.num_classes and classes == ckpt_classes:
@@ -275,9 +275,14 @@ def _preprocessor_overrides(directory: str) -> dict[str, Any]:
   return out
 
 
-def check_spec(name: str, pretrained: Any = None) -> None:
-  """Raises what create_model would raise about the name and the weights' location, without
-  building or loading anything (the engine calls it before scanning a data folder)."""
+class ImageSizeError(ValueError):
+  """An input size the model cannot take (patches that do not tile it)."""
+
+
+def check_spec(name: str, pretrained: Any = None, image_size: int | None = None) -> None:
+  """Raises what create_model would raise about the name, the weights' location and the image
+  size, without loading or initialising anything (the engine calls it before scanning a data
+  folder)."""
   if name.startswith(HF_PREFIX):
     return  # resolved by the hub at load time
   if os.path.isdir(name):
@@ -297,3 +302,18 @@ def check_spec(name: str, pretrained: Any = None) -> None:
       raise FileNotFoundError(f"{pretrained}: no such checkpoint file")
   if pretrained is True and (name_tag or entry.default_tag) is None:
     raise ValueError(f"{entry.name} has no default pretrained weights")
+  if image_size:
+    _check_image_size(entry, image_size)
+
+
+def _check_image_size(entry: ModelEntry, image_size: int) -> None:
+  """The module built at `image_size`, its static checks run: the builder's (DINOv2's) and a
+  patch model's grid (ViT, CLIP, SigLIP), which raise what the first forward pass would. No
+  weights, nothing traced (jax.eval_shape of a whole network takes seconds)."""
+  try:
+    module = entry.build(num_classes=entry.default_cfg.num_classes, image_size=image_size)
+    getattr(module, "grid_size", None)  # a property that checks the patches tile the input
+  except ValueError as e:
+    message = e.args[0] if e.args else str(e)
+    raise ImageSizeError(message if message.startswith(entry.name)
+                         else f"{entry.name}: {message}") from None

@@ -49,6 +49,8 @@ class PretrainedCfg:
   mean: tuple[float, float, float] = IMAGENET_MEAN  # on pixels scaled to [0, 1]
   std: tuple[float, float, float] = IMAGENET_STD
   label_names: tuple[str, ...] | None = None  # None with 1000 classes: the ImageNet names
+  license: str | None = None             # the weights' licence, an SPDX id ("Apache-2.0",
+                                         # "CC-BY-NC-4.0"); None: not recorded
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -18,8 +18,11 @@ HEAD_PREFIX = "params/head/"
 
 
 def merge(variables: Mapping[str, Any], converted: Mapping[str, np.ndarray], *, source: str,
-          new_head: bool = False) -> dict[str, Any]:
+          new_head: bool = False, model: str | None = None) -> dict[str, Any]:
   """Returns `variables` with every entry replaced by the checkpoint's.
+
+  model: the model's name, for the error (a checkpoint of one family given to another is
+  found here: the message names the model, the file and what does not fit).
 
   `variables` may hold arrays or jax.ShapeDtypeStruct (then only the head, when new, needs
   real values).
@@ -40,7 +43,8 @@ def merge(variables: Mapping[str, Any], converted: Mapping[str, np.ndarray], *, 
     unexpected = [k for k in unexpected if not is_head(k)]
     mismatched = [m for m in mismatched if not is_head(m)]
   if missing or unexpected or mismatched:
-    lines = [f"checkpoint {source} does not fit the model:"]
+    lines = [f"checkpoint {source} does not fit the model"
+             + (f" {model}:" if model else ":")]
     if missing:
       lines.append(f"  missing from the checkpoint ({len(missing)}): " + _short(missing))
     if unexpected:
@@ -57,8 +61,9 @@ def merge(variables: Mapping[str, Any], converted: Mapping[str, np.ndarray], *, 
     else:
       merged[k] = np.asarray(converted[k], dtype=v.dtype)
   if new_head:
-    logging.info("%s: head freshly initialised (%s) since num_classes differs from the "
-                 "checkpoint's", source, ", ".join(k for k in target if k.startswith(HEAD_PREFIX)))
+    logging.info("%s: head of %s freshly initialised (%s) since num_classes differs from the "
+                 "checkpoint's", source, model or "the model",
+                 ", ".join(k for k in target if k.startswith(HEAD_PREFIX)))
   return P.unflatten(merged)
 
 
