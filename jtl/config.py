@@ -370,8 +370,9 @@ def _what_trains(c: ml_collections.ConfigDict) -> None:
                                     # cross-validation; one value: that one, no cross-validation
   c.probe.cv_folds = 5              # lbfgs: stratified folds of the training split (seeded); the
                                     # strength of lowest held-out loss is refitted on all of it
-  c.probe.tolerance = 1e-4          # lbfgs: converged when the gradient norm of the objective (mean
-                                    # loss + penalty; kernel and bias) is at most this
+  c.probe.tolerance = 1e-4          # lbfgs: converged when every component of the objective's
+                                    # gradient (mean loss + penalty; kernel and bias) is at most
+                                    # this in magnitude (scipy's pgtol, as scikit-learn's lbfgs)
   c.probe.max_iterations = 1000     # lbfgs: iterations at most, per fit
   c.probe.lr = 3e-3                 # sgd, lp_ft: the probe's peak learning rate (same optimizer
                                     # and schedule kind)

@@ -5,7 +5,8 @@
 3. lp_ft: fit the head alone first (the probe, in workdir/probe) and start from its head;
    optimizer.lr=auto: the learning-rate range test picks the rate (jtl.lr_find.driver).
 4. Plan the run (jtl.plan) and fit it: the loop and its hooks (jtl.loop, jtl.hooks), from the
-   newest intact checkpoint when there is one.
+   newest intact checkpoint when there is one; a linear head alone on cached features is
+   solved instead (jtl.linear_probe).
 5. Finish: the best checkpoint tested, exported and reported (jtl.final).
 """
 from __future__ import annotations
@@ -88,9 +89,10 @@ def train_and_evaluate(config, workdir: str, *, extra_hooks: Sequence[Hook] = ()
 
 
 def run_probe(inputs: Inputs, config, workdir: str, extra_hooks: Sequence[Hook] = ()):
-  """lp_ft's probe: the head alone (feature extraction on cached features, its own budget and
-  early stopping) in workdir/probe. Returns (the inputs with the probe's exported head,
-  final_metrics fields about the probe), or Preempted."""
+  """lp_ft's probe: the head alone (feature extraction on cached features: solved, see
+  jtl.linear_probe, or in the loop with its own budget and early stopping) in workdir/probe.
+  Returns (the inputs with the probe's exported head, final_metrics fields about the probe),
+  or Preempted."""
   probe_config = config_lib.with_learning_rate(config, config.probe.lr)
   with probe_config.unlocked():
     probe_config.strategy, probe_config.freeze_depth, probe_config.trainable = (
