@@ -10,6 +10,7 @@ writes them `jtl export` (jtl/commands/export.py).
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,23 @@ def export_model(workdir: str, variables: dict[str, Any], record: RunRecord) -> 
   tmp = os.path.join(out, "model.safetensors.tmp")
   save_file(flat, tmp)
   os.replace(tmp, os.path.join(out, "model.safetensors"))
+  _copy_transformers_config(record.model, out)
   record.write(os.path.join(out, "model.json"))
   return out
+
+
+def _copy_transformers_config(model_name: str, out: str) -> None:
+  """A model built from a transformers config.json (a hub id or a directory) is rebuilt from
+  copies of its config files kept beside the weights: the original directory may be gone and
+  the hub cache cleared when the run is exported or served."""
+  from jtl.models import factory
+  if not factory.is_transformers_source(model_name):
+    return
+  source = factory.transformers_directory(model_name)
+  for name in factory.TRANSFORMERS_CONFIG_FILES:
+    if os.path.isfile(os.path.join(source, name)):
+      shutil.copyfile(os.path.join(source, name), os.path.join(out, name + ".tmp"))
+      os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
 
 
 def load_exported(workdir: str):
@@ -50,13 +66,16 @@ def load_exported(workdir: str):
                              "finished jtl run?)")
   record = RunRecord.read(info_path)
   cfg = record.pretrained_cfg
-  model = create_model(record.model, num_classes=len(record.class_names),
+  # A transformers-built model: its architecture from the config.json copied beside the weights.
+  source = directory if os.path.isfile(os.path.join(directory, "config.json")) else record.model
+  model = create_model(source, num_classes=len(record.class_names),
                        pretrained=os.path.join(directory, "model.safetensors"),
                        image_size=record.image_size, **record.model_kwargs)
   model.pretrained_cfg = dataclasses.replace(
       model.pretrained_cfg, label_names=record.class_names,
       mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"],
-      interpolation=cfg["interpolation"], image_size=cfg["image_size"])
+      interpolation=cfg["interpolation"], image_size=cfg["image_size"],
+      crop_mode=cfg.get("crop_mode", "center"))
   return model
 
 

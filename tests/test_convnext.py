@@ -168,8 +168,14 @@ def test_registry_parameter_counts_and_tags():
   assert entries["convnextv2_atto"].default_tag == "fcmae_ft_in1k"
   assert entries["convnextv2_tiny"].default_tag == "fcmae_ft_in22k_in1k"
   assert "tv_in1k" not in entries["convnextv2_tiny"].pretrained
-  assert convnext.WEIGHTS_LICENSE["convnextv2_base"] == "cc-by-nc-4.0"
-  assert convnext.WEIGHTS_LICENSE["convnext_base"] == "apache-2.0"
+  # Licences as timm records them, shown by `jtl models`: V2 weights are non-commercial.
+  assert entries["convnextv2_base"].default_cfg.weights_license == "CC-BY-NC-4.0"
+  assert entries["convnext_base"].default_cfg.weights_license == "Apache-2.0"
+  assert tv.weights_license == "BSD-3-Clause"
+  # timm evaluates its 384 px fine-tunes on the whole image squashed to the square.
+  assert (cfg.crop_mode, tiny.pretrained["fb_in1k"].crop_mode) == ("squash", "center")
+  assert entries["convnext_base"].pretrained["clip_laiona_augreg_ft_in1k_384"].crop_mode == (
+      "center")
   # Stochastic depth rises linearly over the blocks, as timm's linspace.
   module = tiny.build(num_classes=5, drop_path_rate=0.4, **TINY)
   rates = [r for stage in module._drop_path_rates() for r in stage]

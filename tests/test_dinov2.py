@@ -131,6 +131,26 @@ def test_headless_weights_get_a_new_head_for_any_number_of_classes():
         np.testing.assert_array_equal(loaded[name], value, err_msg=name)
 
 
+def test_a_checkpoint_saved_with_another_position_grid_keeps_its_grid(tmp_path):
+  """A timm file whose pos_embed holds a 3x3 grid (a model saved at 42 px) loads into the
+  registered architecture (37x37 by default) by taking that grid, as timm would run it: the
+  same outputs as a module built for the 3x3 grid, at 42 px and resampled at 70 px."""
+  state = files.read_state_dict(os.path.join(FIXTURES, "dinov2_timm_tiny.safetensors"))
+  rng = np.random.default_rng(0)
+  state["pos_embed"] = rng.normal(size=(1, 1 + 9, 16)).astype(np.float32)
+  path = str(tmp_path / "grid3.safetensors")
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
+  overrides = {k: v for k, v in TINY.items() if k != "pos_grid_size"}
+  for size in (OTHER, NATIVE):
+    model = jtl.create_model("vit_small_patch14_dinov2", pretrained=path, image_size=size,
+                             **overrides)
+    assert model.module.pos_grid_size == 3
+    explicit = jtl.create_model("vit_small_patch14_dinov2", pretrained=path, image_size=size,
+                                **{**overrides, "pos_grid_size": 3})
+    np.testing.assert_array_equal(np.asarray(model.predict(fixture_input(size))),
+                                  np.asarray(explicit.predict(fixture_input(size))))
+
+
 # --- round trips ---------------------------------------------------------------------------
 
 def _torch_dense(kernel):
@@ -288,6 +308,15 @@ def test_jtl_models_shows_the_weights_licence_where_the_registry_knows_it(capsys
   (line,) = capsys.readouterr().out.splitlines()
   assert line.split()[0] == "vit_small_patch14_dinov2" and " Apache-2.0 " in line
   assert "timm/vit_small_patch14_dinov2.lvd142m" in line
+  # Licences from timm's records: CLIP's differ by who trained the weights.
+  licences = {tag: cfg.weights_license for tag, cfg in
+              registry.get_entry("vit_base_patch16_clip_224").pretrained.items()}
+  assert (licences["laion2b"], licences["dfn2b"]) == ("Apache-2.0", "Apple-ASCL")
+  assert registry.get_entry("vit_base_patch16_clip_quickgelu_224").pretrained[
+      "metaclip_400m"].weights_license == "CC-BY-NC-4.0"
+  assert registry.get_entry("convnextv2_tiny").default_cfg.weights_license == "CC-BY-NC-4.0"
+  assert models.main(["convnextv2_tiny"]) == 0
+  assert " CC-BY-NC-4.0 " in capsys.readouterr().out
   assert models.main(["tiny_cnn"]) == 0  # nothing recorded: a dash in the column
   assert capsys.readouterr().out.split()[3:5] == ["-", "-"]  # default weights, licence
 

@@ -10,7 +10,9 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -196,3 +198,28 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
   monkeypatch.setenv("JTL_DEBUG", "1")
   with pytest.raises(FileNotFoundError, match="x.jpg"):
     main(["--model", "resnet50", str(tmp_path / "x.jpg")])
+
+
+@pytest.mark.parametrize("fixture", ["siglip_hf_tiny", "dinov2_hf_tiny"])
+def test_a_run_on_a_transformers_checkpoint_exports_its_own_head_and_architecture(
+    tmp_path, fixture):
+  """The export keeps copies of the checkpoint's config.json: the rebuilt model has the run's
+  trained head (not the checkpoint's, not a new random one) and the checkpoint's activation,
+  after the original directory is gone."""
+  from helpers import FIXTURES
+  source = str(tmp_path / fixture)
+  shutil.copytree(os.path.join(FIXTURES, fixture), source)
+  model = create_model(source, num_classes=3, image_size=28)
+  variables = jax.tree_util.tree_map(np.asarray, model.variables)
+  head = variables["params"][model.stage_names[-1]]
+  head["kernel"] = np.random.default_rng(0).normal(size=head["kernel"].shape).astype(np.float32)
+  workdir = str(tmp_path / "run")
+  export.export_model(workdir, variables,
+                      RunRecord.of_run(source, model, ("a", "b", "c"), 28))
+  shutil.rmtree(source)
+  rebuilt = export.load_exported(workdir)
+  assert rebuilt.module == model.module  # every field, the MLP activation among them
+  x = np.random.default_rng(1).normal(size=(2, 28, 28, 3)).astype(np.float32)
+  np.testing.assert_array_equal(
+      np.asarray(rebuilt.predict(x)),
+      np.asarray(jax.jit(lambda v, x: model.module.apply(v, x, train=False))(variables, x)))

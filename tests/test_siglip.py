@@ -1,6 +1,7 @@
 """SigLIP image towers: pooled features equal to timm's, transformers' and (through timm) a
 big_vision file's, at the native size and with resampled position embeddings; feature
 checkpoints that always get a new head; class-token checkpoints refused with one error."""
+import dataclasses
 import functools
 import json
 import os
@@ -190,3 +191,28 @@ def test_transformers_configs_that_do_not_fit(tmp_path):
   assert build(num_classes=0).image_size == 64 and cfg.layout == "hf" and cfg.num_classes == 0
   with open(os.path.join(FIXTURES, "siglip_hf_tiny", "config.json")) as f:
     assert json.load(f)["model_type"] == "siglip_vision_model"
+
+
+def test_eval_resize_squashes_the_whole_image_as_transformers_processor():
+  """SigLIP's weights are evaluated on the whole image stretched to the square: a 2:1 image
+  through the registered preprocessing equals transformers' SiglipImageProcessor (PIL) within
+  one pixel level, where a centre crop would drop a quarter of the image on each side."""
+  import io
+
+  from PIL import Image
+
+  from jtl.data.preprocess import Preprocess, load_eval_image
+  y, x = np.mgrid[0:60, 0:120]
+  pixels = np.stack([x * 2, y * 4, x + y], -1).astype(np.uint8)
+  encoded = io.BytesIO()
+  Image.fromarray(pixels).save(encoded, "PNG")
+  cfg = registry.get_entry(ARCH).default_cfg
+  assert cfg.crop_mode == "squash"
+  pp = Preprocess.from_pretrained_cfg(cfg, image_size=32)
+  ours = load_eval_image(encoded.getvalue(), pp)
+  processor = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+  reference = processor(Image.fromarray(pixels), return_tensors="np")["pixel_values"][0]
+  one_level = 2 / 255  # (x / 255 - 0.5) / 0.5
+  assert np.abs(ours - reference.transpose(1, 2, 0)).max() <= one_level + 1e-6
+  centre = load_eval_image(encoded.getvalue(), dataclasses.replace(pp, crop_mode="center"))
+  assert np.abs(centre - reference.transpose(1, 2, 0)).max() > 0.25

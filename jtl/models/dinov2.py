@@ -236,6 +236,19 @@ class DINOv2(nn.Module):
   def pooled_width(self) -> int:
     return self.width * (2 if self.pooling == "class_mean" else 1)
 
+  def fields_for_checkpoint(self, converted: dict) -> dict:
+    """The fields that make this module fit a converted checkpoint: its position grid when it
+    was saved from another grid than 37x37 (a model fine-tuned at 224 px by a library that
+    stores the resampled 16x16 grid). Keeping that grid and resampling it per forward pass is
+    what the saving library does, so its outputs are reproduced; resampling at load would be a
+    second, different interpolation."""
+    positions = converted.get("params/embed/pos_embedding")
+    if positions is None:
+      return {}
+    count = np.shape(positions)[1] - (0 if self.num_registers else 1)
+    side = math.isqrt(count)
+    return {"pos_grid_size": side} if side * side == count and side != self.pos_grid_size else {}
+
   def pool(self, tokens):
     """Normalised tokens [class, registers, patches] -> the vector the head reads."""
     if self.pooling == "class":

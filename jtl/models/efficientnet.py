@@ -336,8 +336,11 @@ def _timm(arch: str, tag: str, image_size: int, crop_pct: float, interpolation: 
           inception: bool = False) -> PretrainedCfg:
   """A timm hub entry; image_size, crop_pct, interpolation and mean/std from its pretrained_cfg."""
   mean_std = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD) if inception else {}
+  # timm evaluates its one 448 px fine-tune on the whole image squashed to the square.
+  crop_mode = "squash" if tag == "sw_in12k_ft_in1k" else "center"
   return PretrainedCfg(tag, "timm", f"timm/{arch}.{tag}", image_size=image_size,
-                       crop_pct=crop_pct, interpolation=interpolation, **mean_std)
+                       crop_pct=crop_pct, interpolation=interpolation, crop_mode=crop_mode,
+                       **mean_std)
 
 
 # timm-trained weights of efficientnet_b* (symmetric padding, eps 1e-5); the first is timm's

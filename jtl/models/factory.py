@@ -81,9 +81,9 @@ def create_model(name: str, *, num_classes: int | None = None, pretrained: Any =
   num_classes: when it differs from the weights', the head is freshly initialised.
   image_size: input side; ViT resamples its position embeddings to it.
   """
-  if name.startswith(HF_PREFIX) or os.path.isdir(name):
+  if is_transformers_source(name):
     return _create_from_transformers(name, num_classes=num_classes, image_size=image_size,
-                                     seed=seed)
+                                     seed=seed, pretrained=pretrained)
   entry = registry.get_entry(name)
   _, name_tag = registry.split_tag(name)
   if name_tag is not None and name_tag not in entry.pretrained:
@@ -215,6 +215,12 @@ def _load(name, build, converters, cfg: PretrainedCfg, path: str, num_classes: i
   provisional = build(num_classes=cfg.num_classes)
   converted = _convert(converters, state, provisional, cfg.layout, path,
                        _input_size(provisional, cfg))
+  # A family may take a field from the checkpoint (DINOv2: the stored position grid).
+  fit = getattr(provisional, "fields_for_checkpoint", None)
+  if fit is not None and (overrides := fit(converted)):
+    logging.info("%s: %s as the checkpoint %s has it", name, overrides, path)
+    build = functools.partial(build, **overrides)
+    provisional = build(num_classes=cfg.num_classes)
   head = converted.get(f"{merge.HEAD_PREFIX}kernel")
   ckpt_classes = int(np.shape(head)[-1]) if head is not None else cfg.num_classes
   classes = num_classes or ckpt_classes
@@ -232,22 +238,45 @@ def _load(name, build, converters, cfg: PretrainedCfg, path: str, num_classes: i
   return Model(name, module, variables, cfg)
 
 
-def _create_from_transformers(name: str, *, num_classes, image_size, seed) -> Model:
-  """A transformers checkpoint: architecture from config.json via AutoConfig, weights ours."""
-  import transformers
+def is_transformers_source(name: str) -> bool:
+  """Whether create_model builds `name` from a transformers config.json (a hub id or a
+  save_pretrained directory) rather than from the registry."""
+  return name.startswith(HF_PREFIX) or os.path.isdir(name)
+
+
+# What a transformers checkpoint's architecture and preprocessing are read from; an exported run
+# keeps copies (jtl.export), so that it rebuilds without the original directory or hub cache.
+TRANSFORMERS_CONFIG_FILES = ("config.json", "preprocessor_config.json")
+
+
+def transformers_directory(name: str) -> str:
+  """The local directory holding `name`'s config.json (the hub cache's snapshot for a hub id)."""
   if name.startswith(HF_PREFIX):
-    repo = name[len(HF_PREFIX):]
-    config_path = hub.hub_file(repo, "config.json")
-    directory = os.path.dirname(config_path)
-    weights = hub.hub_weights_file(repo)
+    return os.path.dirname(hub.hub_file(name[len(HF_PREFIX):], "config.json"))
+  if not os.path.isfile(os.path.join(name, "config.json")):
+    raise FileNotFoundError(f"{name}: no config.json (expected a transformers "
+                            "save_pretrained directory)")
+  return name
+
+
+def _create_from_transformers(name: str, *, num_classes, image_size, seed,
+                              pretrained: Any = None) -> Model:
+  """A transformers checkpoint: architecture from config.json via AutoConfig, weights ours.
+  pretrained: a weights file instead of the checkpoint's own (an exported run's, with jtl's
+  names: the layout is then told apart by which names fit)."""
+  import transformers
+  directory = transformers_directory(name)
+  if isinstance(pretrained, (str, os.PathLike)):
+    weights, layout = os.fspath(pretrained), None
+    if not os.path.isfile(weights):
+      raise FileNotFoundError(f"{weights}: no such checkpoint file")
+  elif name.startswith(HF_PREFIX):
+    weights, layout = hub.hub_weights_file(name[len(HF_PREFIX):]), "hf"
   else:
-    directory = name
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-      raise FileNotFoundError(f"{directory}: no config.json (expected a transformers "
-                              "save_pretrained directory)")
     weights = next((os.path.join(directory, f) for f in
                     ("model.safetensors", "pytorch_model.bin")
                     if os.path.isfile(os.path.join(directory, f))), None)
+    layout = "hf"
     if weights is None:
       raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
   try:
@@ -258,7 +287,7 @@ def _create_from_transformers(name: str, *, num_classes, image_size, seed) -> Mo
   from_config = registry.hf_arch(config.model_type)
   build, cfg, converter = from_config(config, image_size=image_size)
   cfg = dataclasses.replace(cfg, **_preprocessor_overrides(directory))
-  return _load(name, build, {"hf": converter}, dataclasses.replace(cfg, layout="hf"),
+  return _load(name, build, {"hf": converter}, dataclasses.replace(cfg, layout=layout),
                weights, num_classes, seed)
 
 

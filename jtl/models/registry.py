@@ -15,6 +15,9 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import functools
+import json
+import os
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -46,6 +49,8 @@ class PretrainedCfg:
   image_size: int = 224                  # square input side the weights were trained at
   crop_pct: float = 0.875                # resize to image_size / crop_pct, then centre crop
   interpolation: str = "bilinear"        # bilinear or bicubic
+  crop_mode: str = "center"              # eval: "center" (short side, then the central square)
+                                         # or "squash" (the whole image straight to the square)
   mean: tuple[float, float, float] = IMAGENET_MEAN  # on pixels scaled to [0, 1]
   std: tuple[float, float, float] = IMAGENET_STD
   label_names: tuple[str, ...] | None = None  # None with 1000 classes: the ImageNet names
@@ -54,6 +59,23 @@ class PretrainedCfg:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  @property
+  def weights_license(self) -> str | None:
+    """The licence: the one recorded here, else timm's for a timm hub file, else torchvision's
+    (BSD-3-Clause) for torchvision's files; None when unknown."""
+    if self.license:
+      return self.license
+    if self.hf_hub_id in _timm_licenses():
+      return _timm_licenses()[self.hf_hub_id]
+    return "BSD-3-Clause" if self.layout == "torchvision" and self.tag else None
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_licenses() -> dict[str, str]:
+  """hub id -> SPDX id, as timm records them (written by tests/fixtures/make_licenses.py)."""
+  with open(os.path.join(os.path.dirname(__file__), "timm_licenses.json")) as f:
+    return json.load(f)
 
 
 @dataclasses.dataclass(frozen=True)

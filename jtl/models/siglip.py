@@ -222,11 +222,11 @@ _TANH_GELU = {"vit_large_patch16_siglip_512", "vit_so400m_patch16_siglip_256",
 
 def _pretrained_cfg(tag: str, layout: str, image_size: int, hf_hub_id: str | None
                     ) -> PretrainedCfg:
-  # transformers' SiglipImageProcessor: straight to the square (no crop), bicubic,
-  # mean = std = 0.5. crop_pct 1.0 is that for square images; jtl's preprocessing has no
-  # squash mode, so other images are centre-cropped to a square first.
+  # transformers' SiglipImageProcessor and big_vision: the whole image straight to the square
+  # whatever its aspect (no crop), bicubic, mean = std = 0.5.
   return PretrainedCfg(tag=tag, layout=layout, hf_hub_id=hf_hub_id, num_classes=0,
                        image_size=image_size, crop_pct=1.0, interpolation="bicubic",
+                       crop_mode="squash",
                        mean=INCEPTION_MEAN, std=INCEPTION_STD)
 
 
