@@ -37,6 +37,7 @@ test-fast: venv
 bench: venv
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	$(PY) bench/run.py
+	$(PY) bench/vit_forward.py
 
 clean:
 	rm -rf runs

@@ -335,3 +335,24 @@ def test_registry_metadata():
                                                                    "bicubic")
   assert registry.get_entry("vit_large_patch32_224").default_tag is None
   assert "vit_tiny_patch32_224" not in registry.list_models()
+
+
+@pytest.mark.parametrize("batch, tq, tk, heads, dtype", [
+    (3, 17, 17, 2, jnp.float32),    # self-attention, an odd number of (example, head) pairs
+    (2, 1, 50, 4, jnp.float32),     # one query (SigLIP's MAP probe)
+    (2, 300, 300, 3, jnp.float32),  # scores larger than a group's budget: one pair at a time
+    (2, 9, 9, 2, jnp.bfloat16)])
+def test_cpu_attention_equals_jaxs_in_value_and_gradient(batch, tq, tk, heads, dtype):
+  """The grouped CPU attention computes jax.nn.dot_product_attention's function: outputs and
+  the gradients with respect to q, k and v."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(batch, t, heads, 8)), dtype) for t in (tq, tk, tk))
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  ours, reference = vit.dot_product_attention(q, k, v), jax.nn.dot_product_attention(q, k, v)
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(reference, np.float32),
+                             atol=tolerance, rtol=tolerance)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v).astype(jnp.float32)))
+  for g_ours, g_ref in zip(jax.grad(loss(vit.dot_product_attention), (0, 1, 2))(q, k, v),
+                           jax.grad(loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(np.asarray(g_ours, np.float32), np.asarray(g_ref, np.float32),
+                               atol=tolerance, rtol=tolerance)

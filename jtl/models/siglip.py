@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jtl.models import common, registry, vit
@@ -100,7 +99,7 @@ class ProbeAttention(nn.Module):
     k = nn.Dense(width, name="key")(x).reshape(batch, tokens, self.num_heads, head_dim)
     v = nn.Dense(width, name="value")(x).reshape(batch, tokens, self.num_heads, head_dim)
     q = jnp.broadcast_to(q.astype(x.dtype), (batch, 1, self.num_heads, head_dim))
-    y = jax.nn.dot_product_attention(q, k, v)
+    y = vit.dot_product_attention(q, k, v)
     return nn.Dense(width, name="out")(y.reshape(batch, 1, width))
 
 
