@@ -196,7 +196,8 @@ def test_export_directory_holds_each_format_its_names_and_sizes(exported):
   assert saved_model.read_class_names(os.path.join(exported, "saved_model")) == CLASSES
   assert manifest.preprocess == {"image_size": IMAGE_SIZE, "crop_pct": 0.875,
                                  "interpolation": "bicubic", "mean": [0.5, 0.45, 0.4],
-                                 "std": [0.25, 0.2, 0.22]}
+                                 "std": [0.25, 0.2, 0.22],
+                                 "crop_mode": "center"}
   for fmt, entry in manifest.formats.items():
     assert entry["bytes"] == layout.directory_size(os.path.join(exported, entry["path"])) > 0
   loaded = tf.saved_model.load(os.path.join(exported, "saved_model"))
