@@ -78,14 +78,41 @@ def train_and_evaluate(config, workdir: str, *, extra_hooks: Sequence[Hook] = ()
       if isinstance(probe, Preempted):
         return probe.metrics()
       inputs, fields = probe
+    run = None
     if config_lib.is_auto_lr(config):  # after the probe: the sweep starts from its head
-      config = lr_driver.find_auto_lr(inputs, config, workdir)
+      run = plan_solved_head(inputs, config)
+      if run is None:
+        config = lr_driver.find_auto_lr(inputs, config, workdir)
     if config.lr_find.suggested_lr:
       fields["suggested_lr"] = config.lr_find.suggested_lr
     workdir_lib.write_run_files(config, inputs.record, workdir)
-    outcome = train_in(plan_run(inputs, config), workdir, extra_hooks, fields=fields,
+    outcome = train_in(run or plan_run(inputs, config), workdir, extra_hooks, fields=fields,
                        started=started)
     return outcome.metrics()
+
+
+# The learning rate a solved head's plan is built with: its schedule is never stepped.
+_LR_OF_A_SOLVED_HEAD = 1e-3
+
+
+def plan_solved_head(inputs: Inputs, config) -> RunPlan | None:
+  """optimizer.lr=auto: the plan of a run whose head is solved (jtl.linear_probe), which has
+  no learning rate to pick, so no range test runs; None when the run trains with steps (the
+  range test picks its rate). config.json keeps lr "auto"; a resume decides the same way."""
+  model = inputs.model
+  rules = optim.freeze_rules(config.strategy, model.stage_names, config.freeze_depth,
+                             config.trainable)
+  freeze = optim.make_freeze_plan(model.variables["params"], model.stage_names, rules)
+  if config.probe.solver != linear_probe.LBFGS or not linear_probe.trains_head_alone(
+      model.stage_names, freeze.labels, len(model.stage_names) - 1):
+    return None  # settled from the config alone, before any feature is cached
+  run = plan_run(inputs, config_lib.with_learning_rate(config, _LR_OF_A_SOLVED_HEAD))
+  choice = linear_probe.choose_for_run(run, None)
+  if choice is None or not choice.solves:
+    return None
+  log.info("optimizer.lr=auto: no range test, the head is solved without a learning rate "
+           "(%s)", choice.why)
+  return run
 
 
 def run_probe(inputs: Inputs, config, workdir: str, extra_hooks: Sequence[Hook] = ()):
@@ -240,10 +267,14 @@ def finish(run: RunPlan, fitted: Fitted, checkpoints: Checkpoints, run_log: RunL
       train_seconds=round(progress.train_seconds, 2), steps=steps_trained,
       best_step=progress.best_step, skipped_steps=progress.skipped_steps,
       best_val=progress.best, best_val_metric=run.splits.metric,
-      step_seconds=round(progress.train_seconds / max(steps_trained, 1), 4),
-      images_per_second=round(steps_trained * config.batch_size
-                              / max(progress.train_seconds, 1e-9), 1),
       feature_cache=run.start_stage > 0, feature_cache_seconds=round(run.cache_seconds, 2))
+  if linear_probe.SUMMARY_KEY not in fitted.fields:
+    # A solved head's "steps" are L-BFGS iterations over the whole training set: per-step
+    # speed and images per second would mean nothing there.
+    run_fields.update(
+        step_seconds=round(progress.train_seconds / max(steps_trained, 1), 4),
+        images_per_second=round(steps_trained * config.batch_size
+                                / max(progress.train_seconds, 1e-9), 1))
   finished = evaluate_and_export(run, state, workdir,
                                  fields={**run_fields, **fitted.fields, **fields},
                                  records=run_log.records(), started=started)

@@ -221,10 +221,16 @@ def data(tmp_path):
 def test_feature_extraction_solves_the_head_and_a_rerun_finds_it_finished(data, tmp_path,
                                                                           caplog):
   caplog.set_level(logging.INFO)
-  config = tiny_config(data, strategy="feature_extraction", **{"probe.solver": "lbfgs"})
+  # lr=auto: a solved head has no learning rate, so no range test runs for it.
+  config = tiny_config(data, strategy="feature_extraction",
+                       **{"probe.solver": "lbfgs", "optimizer.lr": "auto"})
   workdir = str(tmp_path / "run")
   final = train.train_and_evaluate(config, workdir)
   assert final["head_solver"] == "lbfgs" and final["feature_cache"]
+  assert not os.path.exists(os.path.join(workdir, "lr_find")) and "suggested_lr" not in final
+  assert "no range test" in caplog.text
+  # Its steps are L-BFGS iterations over every example: no per-step speed is reported.
+  assert "step_seconds" not in final and "images_per_second" not in final
   probe = final["linear_probe"]
   assert probe["converged"] and probe["gradient_max"] <= config.probe.tolerance
   assert probe["l2"] in config.probe.l2_grid and len(probe["cv_loss"]) >= 3
@@ -257,6 +263,7 @@ def test_a_head_with_a_hidden_layer_takes_the_minibatch_loop(data, tmp_path):
   assert final["feature_cache"] and final["head_solver"] == "sgd"
   assert "not one dense layer" in final["head_solver_reason"] and "linear_probe" not in final
   assert final["steps"] == 8  # 2 epochs of 36 training images in batches of 8
+  assert final["step_seconds"] > 0 and final["images_per_second"] > 0
 
 
 def test_lp_ft_solves_its_probe_then_fine_tunes(data, tmp_path):
