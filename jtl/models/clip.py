@@ -24,7 +24,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jtl.models import common, registry, siglip
+from jtl.models import common, registry, siglip, vit
 from jtl.models.registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, PretrainedCfg
 from jtl.weights import convert_clip
 
@@ -48,7 +48,7 @@ class Embedding(nn.Module):
                 strides=(self.patch_size, self.patch_size), padding="VALID", use_bias=False,
                 name="patch")(x)
     batch, grid_h, grid_w, width = x.shape
-    siglip.check_grid(grid_h, grid_w, self.patch_size, self.grid_size)
+    vit.check_grid(grid_h, grid_w, self.patch_size, self.grid_size)
     cls = self.param("cls", _POSEMB_INIT, (1, 1, width))
     posemb = self.param("pos_embedding", _POSEMB_INIT, (1, 1 + grid_h * grid_w, width))
     x = x.reshape(batch, grid_h * grid_w, width)
@@ -74,11 +74,7 @@ class CLIP(nn.Module):
 
   @property
   def grid_size(self) -> tuple[int, int]:
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size "
-                       f"{self.patch_size}")
-    side = self.image_size // self.patch_size
-    return side, side
+    return vit.patch_grid(self.image_size, self.patch_size)
 
   @property
   def stage_names(self) -> tuple[str, ...]:

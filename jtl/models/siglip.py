@@ -44,14 +44,6 @@ def head_kernel_init(num_classes: int):
   return nn.initializers.lecun_normal() if num_classes else nn.initializers.zeros
 
 
-def check_grid(grid_h: int, grid_w: int, patch_size: int, grid_size: tuple[int, int]):
-  if (grid_h, grid_w) != tuple(grid_size):
-    raise ValueError(
-        f"input of {grid_h * patch_size}x{grid_w * patch_size} px gives a {grid_h}x{grid_w} "
-        f"patch grid, but the position embeddings are for {grid_size[0]}x{grid_size[1]}; "
-        "build the model with that image_size")
-
-
 class PatchEmbedding(nn.Module):
   """Patches -> tokens: patch convolution, position embeddings added; no class token."""
   patch_size: int
@@ -63,7 +55,7 @@ class PatchEmbedding(nn.Module):
     x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID", name="patch")(x)
     batch, grid_h, grid_w, width = x.shape
-    check_grid(grid_h, grid_w, self.patch_size, self.grid_size)
+    vit.check_grid(grid_h, grid_w, self.patch_size, self.grid_size)
     posemb = self.param("pos_embedding", _POSEMB_INIT, (1, grid_h * grid_w, width))
     return x.reshape(batch, grid_h * grid_w, width) + posemb.astype(x.dtype)
 
@@ -139,8 +131,7 @@ class SigLIP(nn.Module):
   def grid_size(self) -> tuple[int, int]:
     # Pixels past the last whole patch are dropped, as timm and transformers drop them: the
     # so400m/14 towers at 384 px see 27 x 14 = 378 of them.
-    side = self.image_size // self.patch_size
-    return side, side
+    return vit.patch_grid(self.image_size, self.patch_size, drop_remainder=True)
 
   @property
   def stage_names(self) -> tuple[str, ...]:

@@ -28,6 +28,25 @@ from jtl.weights import convert_vit
 _POSEMB_INIT = nn.initializers.normal(stddev=0.02)
 
 
+def patch_grid(image_size: int, patch_size: int, *, drop_remainder: bool = False
+               ) -> tuple[int, int]:
+  """The patch grid of an image_size square. A side that is not a multiple of the patch is an
+  error, unless drop_remainder: the pixels past the last whole patch are then dropped."""
+  if image_size % patch_size and not drop_remainder:
+    raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch_size}")
+  side = image_size // patch_size
+  return side, side
+
+
+def check_grid(grid_h: int, grid_w: int, patch_size: int, grid_size: tuple[int, int]) -> None:
+  """The patch grid of an input must be the one the position embeddings were built for."""
+  if (grid_h, grid_w) != tuple(grid_size):
+    raise ValueError(
+        f"input of {grid_h * patch_size}x{grid_w * patch_size} px gives a {grid_h}x{grid_w} "
+        f"patch grid, but the position embeddings are for {grid_size[0]}x{grid_size[1]}; "
+        "build the model with that image_size")
+
+
 class Embedding(nn.Module):
   """Patches -> tokens: patch convolution, class token prepended, position embeddings added."""
   patch_size: int
@@ -39,11 +58,7 @@ class Embedding(nn.Module):
     x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID", name="patch")(x)
     batch, grid_h, grid_w, width = x.shape
-    if (grid_h, grid_w) != tuple(self.grid_size):
-      raise ValueError(
-          f"input of {grid_h * self.patch_size}x{grid_w * self.patch_size} px gives a "
-          f"{grid_h}x{grid_w} patch grid, but the position embeddings are for "
-          f"{self.grid_size[0]}x{self.grid_size[1]}; build the model with that image_size")
+    check_grid(grid_h, grid_w, self.patch_size, self.grid_size)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, width))
     num_tokens = 1 + grid_h * grid_w
     posemb = self.param("pos_embedding", _POSEMB_INIT, (1, num_tokens, width))
@@ -137,11 +152,7 @@ class ViT(nn.Module):
 
   @property
   def grid_size(self) -> tuple[int, int]:
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size "
-                       f"{self.patch_size}")
-    side = self.image_size // self.patch_size
-    return side, side
+    return patch_grid(self.image_size, self.patch_size)
 
   @property
   def stage_names(self) -> tuple[str, ...]:

@@ -14,7 +14,9 @@ Four layouts:
 """
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+import functools
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -55,73 +57,56 @@ HF_BLOCK = dict(conv_dw="dwconv", norm="layernorm", fc1="pwconv1", fc2="pwconv2"
                 layer_scale="layer_scale_parameter", grn_scale="grn.weight", grn_bias="grn.bias")
 
 
-def convert_timm(state: Mapping[str, np.ndarray], module) -> dict[str, np.ndarray]:
-  """timm names -> ours."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where one source keeps each part of a ConvNeXt (the four differ in names alone)."""
+  prefixes: tuple[str, ...]             # stripped from every key first
+  stem_conv: str
+  stem_norm: str
+  downsample: Callable[[int], str]      # stage 1..3 -> its downsampling's prefix (.0 norm, .1 conv)
+  block: Callable[[int, int], str]      # (stage, index) -> the block's prefix
+  block_names: Mapping[str, str]        # the block's parts, as `block` reads them
+  norm: str
+  head: str
+
+
+TIMM = Layout(("module.",), "stem.0", "stem.1", lambda s: f"stages.{s}.downsample",
+              lambda s, i: f"stages.{s}.blocks.{i}", TIMM_BLOCK, "head.norm", "head.fc")
+# facebookresearch/ConvNeXt(-V2): downsample_layers.0 is the stem (the {"model": ...} wrapper
+# of their .pth files is unwrapped by the reader).
+META = Layout(("module.",), "downsample_layers.0.0", "downsample_layers.0.1",
+              lambda s: f"downsample_layers.{s}", lambda s, i: f"stages.{s}.{i}", META_BLOCK,
+              "norm", "head")
+# torchvision convnext_tiny..large: features.0 is the stem, features.2N / 2N+1 stage N.
+TORCHVISION = Layout((), "features.0.0", "features.0.1", lambda s: f"features.{2 * s}",
+                     lambda s, i: f"features.{2 * s + 1}.{i}", TORCHVISION_BLOCK,
+                     "classifier.0", "classifier.2")
+# transformers; a bare ConvNextModel / ConvNextV2Model (no prefix, no classifier) works too.
+HF = Layout(("convnextv2.", "convnext."), "embeddings.patch_embeddings", "embeddings.layernorm",
+            lambda s: f"encoder.stages.{s}.downsampling_layer",
+            lambda s, i: f"encoder.stages.{s}.layers.{i}", HF_BLOCK, "layernorm", "classifier")
+
+
+def convert(state: Mapping[str, np.ndarray], module, layout: Layout) -> dict[str, np.ndarray]:
+  """`layout`'s names -> ours."""
   m = StateMapper(state)
-  m.strip_prefix("module.")
-  m.conv("stem.0", "stem/conv")
-  m.norm("stem.1", "stem/norm")
+  for prefix in layout.prefixes:
+    m.strip_prefix(prefix)
+  m.conv(layout.stem_conv, "stem/conv")
+  m.norm(layout.stem_norm, "stem/norm")
   for stage, depth in enumerate(module.depths):
     dst = f"stage{stage + 1}"
-    m.norm(f"stages.{stage}.downsample.0", f"{dst}/downsample_norm")
-    m.conv(f"stages.{stage}.downsample.1", f"{dst}/downsample_conv")
+    if stage:  # the first stage has no downsampling: the stem's stride 4 is its own
+      m.norm(f"{layout.downsample(stage)}.0", f"{dst}/downsample_norm")
+      m.conv(f"{layout.downsample(stage)}.1", f"{dst}/downsample_conv")
     for index in range(depth):
-      block(m, f"stages.{stage}.blocks.{index}", f"{dst}/block{index}", TIMM_BLOCK)
-  m.norm("head.norm", "norm")
-  m.dense("head.fc", "head")
+      block(m, layout.block(stage, index), f"{dst}/block{index}", layout.block_names)
+  m.norm(layout.norm, "norm")
+  m.dense(layout.head, "head")
   return m.result()
 
 
-def convert_meta(state: Mapping[str, np.ndarray], module) -> dict[str, np.ndarray]:
-  """facebookresearch/ConvNeXt and ConvNeXt-V2 names -> ours (the {"model": ...} wrapper of
-  their .pth files is unwrapped by the reader)."""
-  m = StateMapper(state)
-  m.strip_prefix("module.")
-  m.conv("downsample_layers.0.0", "stem/conv")
-  m.norm("downsample_layers.0.1", "stem/norm")
-  for stage, depth in enumerate(module.depths):
-    dst = f"stage{stage + 1}"
-    if stage:  # downsample_layers.0 is the stem
-      m.norm(f"downsample_layers.{stage}.0", f"{dst}/downsample_norm")
-      m.conv(f"downsample_layers.{stage}.1", f"{dst}/downsample_conv")
-    for index in range(depth):
-      block(m, f"stages.{stage}.{index}", f"{dst}/block{index}", META_BLOCK)
-  m.norm("norm", "norm")
-  m.dense("head", "head")
-  return m.result()
-
-
-def convert_torchvision(state: Mapping[str, np.ndarray], module) -> dict[str, np.ndarray]:
-  """torchvision convnext_tiny..large names -> ours."""
-  m = StateMapper(state)
-  m.conv("features.0.0", "stem/conv")
-  m.norm("features.0.1", "stem/norm")
-  for stage, depth in enumerate(module.depths):
-    dst = f"stage{stage + 1}"
-    if stage:  # features.0 is the stem
-      m.norm(f"features.{2 * stage}.0", f"{dst}/downsample_norm")
-      m.conv(f"features.{2 * stage}.1", f"{dst}/downsample_conv")
-    for index in range(depth):
-      block(m, f"features.{2 * stage + 1}.{index}", f"{dst}/block{index}", TORCHVISION_BLOCK)
-  m.norm("classifier.0", "norm")
-  m.dense("classifier.2", "head")
-  return m.result()
-
-
-def convert_hf(state: Mapping[str, np.ndarray], module) -> dict[str, np.ndarray]:
-  """transformers names -> ours; a bare ConvNextModel / ConvNextV2Model (no prefix, no
-  classifier) works too."""
-  m = StateMapper(state)
-  m.strip_prefix("convnextv2.")
-  m.strip_prefix("convnext.")
-  m.conv("embeddings.patch_embeddings", "stem/conv")
-  m.norm("embeddings.layernorm", "stem/norm")
-  for stage, depth in enumerate(module.depths):
-    src, dst = f"encoder.stages.{stage}", f"stage{stage + 1}"
-    m.norm(f"{src}.downsampling_layer.0", f"{dst}/downsample_norm")
-    m.conv(f"{src}.downsampling_layer.1", f"{dst}/downsample_conv")
-    for index in range(depth):
-      block(m, f"{src}.layers.{index}", f"{dst}/block{index}", HF_BLOCK)
-  m.norm("layernorm", "norm")
-  m.dense("classifier", "head")
-  return m.result()
+convert_timm = functools.partial(convert, layout=TIMM)
+convert_meta = functools.partial(convert, layout=META)
+convert_torchvision = functools.partial(convert, layout=TORCHVISION)
+convert_hf = functools.partial(convert, layout=HF)
