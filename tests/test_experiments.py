@@ -48,10 +48,11 @@ def test_grid_summary_comes_from_each_runs_final_metrics_and_a_rerun_skips_them(
     for key in ("step_seconds", "images_per_second", "wall_seconds", "best_val"):
       assert float(row[key]) == final[key], key
     assert final["wall_seconds"] > final["train_seconds"] > 0
-    # images_per_second is rounded to 0.1 (0.05 off at most, a lot at 2 images/s on a busy
-    # machine) and train_seconds to 10 ms (2% of a run of 0.5 s or more).
-    assert final["images_per_second"] == pytest.approx(
-        final["steps"] * base.batch_size / final["train_seconds"], rel=0.02, abs=0.06)
+    # images_per_second is rounded to 0.1 and train_seconds to 10 ms, 8% of a 0.12 s run (seen
+    # here): the figure must lie within what those two roundings allow.
+    images, seconds = final["steps"] * base.batch_size, final["train_seconds"]
+    assert (images / (seconds + 0.005) - 0.05 <= final["images_per_second"]
+            <= images / max(seconds - 0.005, 1e-9) + 0.05)
     assert row["status"] == "done"
   # Freezing stem and stage1 leaves fewer parameters to train.
   assert int(rows[1]["trainable_params"]) < int(rows[0]["trainable_params"])
