@@ -92,10 +92,9 @@ def main() -> None:
   parser.add_argument("--train-steps", type=int, default=20)
   parser.add_argument("--only", default="", help="comma-separated example names")
   args = parser.parse_args()
-  small = os.path.join(ROOT, "runs", "bench", "small")
-  subprocess.run([sys.executable, os.path.join(BENCH, "small_folders.py"), "--out", small],
-                 check=True)
-  data = os.path.join(small, "lfw_faces")
+  sys.path.insert(0, BENCH)
+  import small_folders
+  data = small_folders.build("lfw_faces", os.path.join(ROOT, "runs", "bench", "small"), 0)["root"]
   hub_cache = os.path.join(args.out, "hub")
   env = dict(os.environ, HF_HUB_CACHE=hub_cache, HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2",
              JTL_CACHE_DIR=tempfile.mkdtemp(prefix="jtl-worked-cache-"))

@@ -14,8 +14,8 @@ inside the process so that the crash point is exact (a watcher outside would rac
                            data is written into the temporary directory and before the rename
   --slow-meta-writes S     every checkpoint's JSON item is written S seconds late (in the
                            background, as Orbax writes it)
-  --pause-after-step K:S   sleep S seconds once the loss of step K has been read (a second run
-                           can then be started on the same workdir while this one holds it)
+  --pause-after-step K:FILE  wait until FILE exists (300 s at most) once the loss of step K has
+                           been read (a second run is started on the workdir this one holds)
 
 --record DIR leaves, per process p: steps.p<p>.jsonl (step, loss of every step read),
 batches.p<p>.jsonl (epoch, step, label and SHA-1 of each image this process fed), reads.p<p>.jsonl
@@ -200,10 +200,12 @@ def _install_hooks(args, workdir: str) -> None:
         _kill(signal.SIGKILL)
       if step == args.sigterm_after_step:
         _kill(signal.SIGTERM)
-      if args.pause_after_step and step == int(args.pause_after_step.split(":")[0]):
+      if args.pause_after_step and step == int(args.pause_after_step.split(":", 1)[0]):
         import time
         print(f"run_helpers: paused after step {step}", flush=True)
-        time.sleep(float(args.pause_after_step.split(":")[1]))
+        release, deadline = args.pause_after_step.split(":", 1)[1], time.time() + 300
+        while not os.path.exists(release) and time.time() < deadline:
+          time.sleep(0.1)
     return real_scalars(self, step, values)
   report.RunLog.scalars = scalars
 

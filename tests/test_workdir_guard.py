@@ -53,13 +53,15 @@ def _assert_same_export(a, b):
 def test_a_second_run_on_a_held_workdir_is_refused_and_the_first_is_unaffected(data, tmp_path):
   env = rh.child_env()
   held, lone = str(tmp_path / "held"), str(tmp_path / "lone")
-  first = rh.start(held, data, CONFIG, hooks=["--pause-after-step", "3:25"], env=env)
+  release = str(tmp_path / "release")  # the first run waits after step 3 until this exists
+  first = rh.start(held, data, CONFIG, hooks=["--pause-after-step", f"3:{release}"], env=env)
   lone_child = rh.start(lone, data, CONFIG, env=env)
   try:
     deadline = time.time() + 240
     while not os.path.exists(os.path.join(held, LOCK_NAME)) and time.time() < deadline:
       time.sleep(0.2)
     returncode, output = rh.run(held, data, CONFIG, env=env, timeout=240)
+    open(release, "w").close()
     first_output, _ = first.communicate(timeout=300)
     lone_child.communicate(timeout=300)
   finally:
