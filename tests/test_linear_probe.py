@@ -129,6 +129,27 @@ def test_cross_validation_is_stratified_seeded_and_the_rerun_bit_identical():
   assert _penalised_gradient(features, labels, first.kernel, first.bias, first.l2) <= TOL
 
 
+def test_folds_stop_at_the_cv_tolerance_and_the_refit_at_the_tolerance(monkeypatch):
+  features, labels = _blobs(spread=2.0)
+  problem = linear_probe.Problem.from_cache(features[None], labels, num_classes=4)
+  tight = linear_probe.fit(problem, l2_grid=GRID, folds=5, seed=0, tolerance=TOL)
+  asked, minimise = [], linear_probe._minimise
+
+  def recording(*args):
+    asked.append(float(args[7]))  # the tolerance of each fit, folds first, the refit last
+    return minimise(*args)
+
+  monkeypatch.setattr(linear_probe, "_minimise", recording)
+  loose = linear_probe.fit(problem, l2_grid=GRID, folds=5, seed=0, tolerance=TOL,
+                           cv_tolerance=1e-2)
+  assert len(asked) == 5 * len(loose.cv_loss) + 1
+  assert asked[:-1] == pytest.approx([1e-2] * (len(asked) - 1)) and asked[-1] == pytest.approx(TOL)
+  # The ranking of strengths survives the looser folds; the refit is as converged as ever.
+  assert loose.l2 == tight.l2 and loose.converged
+  assert _penalised_gradient(features, labels, loose.kernel, loose.bias, loose.l2) <= TOL
+  np.testing.assert_allclose(loose.kernel, tight.kernel, atol=1e-3)
+
+
 class _MlpHead(nn.Module):
   num_classes: int
 
