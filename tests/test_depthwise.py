@@ -25,6 +25,29 @@ def test_taps_equal_grouped_convolution(size, kernel, stride, same):
   np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel,padding", [(7, ((3, 3), (3, 3))), (3, "SAME"), (5, ((2, 2), (2, 2))),
+                                            (3, ((0, 2), (1, 0))), (3, "VALID")])
+@pytest.mark.parametrize("batch", [1, 6, 64])
+def test_stride1_gradients_equal_grouped_convolution(kernel, padding, batch):
+  """Stride 1 has its own gradient (the kernel's taken a group of examples at a time)."""
+  rng = np.random.default_rng(kernel * batch)
+  x = jnp.asarray(rng.normal(size=(batch, 9, 8, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 5)), jnp.float32)
+
+  def reference(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=5)
+
+  ours, our_vjp = jax.vjp(lambda x, w: depthwise_conv_taps(x, w, (1, 1), padding), x, w)
+  theirs, their_vjp = jax.vjp(reference, x, w)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+  cotangent = jnp.asarray(rng.normal(size=theirs.shape), jnp.float32)
+  for got, want in zip(our_vjp(cotangent), their_vjp(cotangent), strict=True):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * batch)
+
+
 def test_module_has_nn_conv_parameter_layout_and_gradients():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 4)), jnp.float32)
   ours = DepthwiseConv((3, 3), strides=(2, 2), use_bias=True)
